@@ -1,0 +1,14 @@
+//! rmachines: a declarative machine manager for full-OS containers.
+//!
+//! Layers, from the bottom up:
+//! - [`definition`]: parse and validate `/etc/rmachines/*.toml` into plain data.
+//! - [`runtime`]: namespaces, mounts, id maps, cgroups, the per-machine supervisor.
+//! - [`manager`]: machine state and supervision for the daemon.
+//! - [`dbus`]: the `org.rmachines1` bus face; no container logic.
+//! - [`cli`]: `rmachinectl`.
+
+pub mod cli;
+pub mod dbus;
+pub mod definition;
+pub mod manager;
+pub mod runtime;
