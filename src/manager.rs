@@ -2,68 +2,13 @@
 //! and stops machines through their supervisor processes, and tells listeners
 //! what changed. It knows nothing of D-Bus.
 
-use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-/// The lifecycle state of a machine, as the SPEC names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MachineState {
-    Stopped,
-    Starting,
-    Running,
-    Stopping,
-    Failed,
-}
-
-impl MachineState {
-    pub const ALL: [MachineState; 5] = [
-        MachineState::Stopped,
-        MachineState::Starting,
-        MachineState::Running,
-        MachineState::Stopping,
-        MachineState::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MachineState::Stopped => "stopped",
-            MachineState::Starting => "starting",
-            MachineState::Running => "running",
-            MachineState::Stopping => "stopping",
-            MachineState::Failed => "failed",
-        }
-    }
-
-    /// A machine in this state has a supervisor and an init (or is about to).
-    pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            MachineState::Starting | MachineState::Running | MachineState::Stopping
-        )
-    }
-}
-
-impl fmt::Display for MachineState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for MachineState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        MachineState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| format!("unknown machine state {s:?}"))
-    }
-}
+pub use crate::runtime::protocol::MachineState;
 
 /// A snapshot of one machine, everything the Machine object exposes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

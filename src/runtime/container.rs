@@ -1,0 +1,706 @@
+//! One boot of a machine: clone3 into new namespaces, the id-map handshake,
+//! the idmapped root, the mount plan, pivot_root, and exec of init.
+//!
+//! The parent half runs in the (single-threaded) supervisor; the child half
+//! runs in the clone until it execs init. They talk over a SEQPACKET socket
+//! pair whose messages are protocol steps; the child's end is close-on-exec,
+//! so end-of-file tells the parent that exec succeeded.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+
+use super::sys::{self, Forked};
+use super::{paths, security, MachinePlan, RuntimeError};
+use crate::definition::{NotifyReady, StopSignal};
+
+/// What kind of init the machine runs; decides the stop signal and whether
+/// readiness comes from `READY=1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitKind {
+    Systemd,
+    Busybox,
+    Other,
+}
+
+/// A started container: init's host pid and a pidfd for it.
+pub struct Container {
+    pub pid: libc::pid_t,
+    pub pidfd: OwnedFd,
+}
+
+/// What the supervisor hands the child besides the plan.
+pub struct BootResources<'a> {
+    /// The slave of the console pty, bind-mounted at /dev/console.
+    pub console_slave: &'a Path,
+    /// Directory bind-mounted read-only at /run/host.
+    pub host_dir: &'a Path,
+}
+
+const NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWCGROUP;
+
+/// Device nodes the guest gets, bind-mounted from the host.
+const DEVICE_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// /proc files hidden behind /dev/null, after systemd-nspawn and runc.
+const PROC_MASKED: &[&str] = &["kcore", "keys", "timer_list", "sched_debug", "kallsyms"];
+/// /proc paths made read-only.
+const PROC_READ_ONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
+
+/// Resolves `command[0]` inside the root and classifies the init.
+pub fn inspect_init(plan: &MachinePlan) -> Result<InitKind, RuntimeError> {
+    let def = &plan.definition;
+    let command = def.command.first().cloned().unwrap_or_default();
+    let no_init = || RuntimeError::NoInit {
+        root: def.root.clone(),
+        command: command.clone(),
+    };
+    let root = File::open(&def.root).map_err(RuntimeError::io(format!(
+        "opening machine root {}",
+        def.root.display()
+    )))?;
+    let fd = sys::open_in_root(root.as_fd(), Path::new(&command), libc::O_PATH)
+        .map_err(|_| no_init())?;
+    let meta = fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|_| no_init())?;
+    use std::os::unix::fs::PermissionsExt;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(no_init());
+    }
+    let target = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default();
+    let file_name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(match file_name.as_str() {
+        "systemd" => InitKind::Systemd,
+        "busybox" => InitKind::Busybox,
+        _ => InitKind::Other,
+    })
+}
+
+/// The signal that shuts this init down.
+pub fn stop_signal(kind: InitKind, configured: StopSignal, boot: bool) -> libc::c_int {
+    match configured {
+        StopSignal::Signal(sig) => sig,
+        StopSignal::Auto if !boot => libc::SIGTERM,
+        StopSignal::Auto => match kind {
+            InitKind::Systemd => libc::SIGRTMIN() + 3,
+            InitKind::Busybox => libc::SIGUSR2,
+            InitKind::Other => libc::SIGTERM,
+        },
+    }
+}
+
+/// Whether `running` waits for the guest's `READY=1`.
+pub fn waits_for_ready(kind: InitKind, configured: NotifyReady) -> bool {
+    match configured {
+        NotifyReady::Yes => true,
+        NotifyReady::No => false,
+        NotifyReady::Auto => kind == InitKind::Systemd,
+    }
+}
+
+/// A stable machine id derived from the name (32 lowercase hex digits).
+pub fn derived_machine_id(name: &str) -> String {
+    let fnv = |seed: u64| {
+        name.bytes().fold(seed, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    format!(
+        "{:016x}{:016x}",
+        fnv(0xcbf2_9ce4_8422_2325),
+        fnv(0x6c62_272e_07bb_0142)
+    )
+}
+
+/// The machine id the guest will see: its own if it has one, else derived.
+pub fn machine_id(plan: &MachinePlan) -> String {
+    let own = fs::read_to_string(plan.definition.root.join("etc/machine-id")).unwrap_or_default();
+    let own = own.trim();
+    if own.len() == 32 && own.bytes().all(|b| b.is_ascii_hexdigit()) {
+        own.to_owned()
+    } else {
+        derived_machine_id(plan.name())
+    }
+}
+
+fn uuid_form(id: &str) -> String {
+    format!(
+        "{}-{}-{}-{}-{}",
+        &id[0..8],
+        &id[8..12],
+        &id[12..16],
+        &id[16..20],
+        &id[20..32]
+    )
+}
+
+/// Boots the container: returns once init is executing (or failed to).
+pub fn spawn(plan: &MachinePlan, res: &BootResources<'_>) -> Result<Container, RuntimeError> {
+    inspect_init(plan)?;
+    let cgroup_dir = File::open(&plan.cgroup).map_err(RuntimeError::io(format!(
+        "opening cgroup {}",
+        plan.cgroup.display()
+    )))?;
+    let (parent_sock, child_sock) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| RuntimeError::io("creating the setup socket pair")(e.into()))?;
+
+    match sys::clone3_fork(NAMESPACES, cgroup_dir.as_fd())
+        .map_err(RuntimeError::io("clone3 into new namespaces"))?
+    {
+        Forked::Child => {
+            drop(parent_sock);
+            let result = child_main(plan, res, child_sock.as_fd());
+            // Only reached on failure: exec does not return.
+            let message = match result {
+                Err(err) => err.to_string(),
+                Ok(never) => match never {},
+            };
+            let _ = nix::sys::socket::send(
+                child_sock.as_raw_fd(),
+                message.as_bytes(),
+                MsgFlags::empty(),
+            );
+            // SAFETY: _exit in the forked child skips the parent's atexit
+            // handlers and buffered state, which belong to the supervisor.
+            unsafe { libc::_exit(127) }
+        }
+        Forked::Parent { pid, pidfd } => {
+            drop(child_sock);
+            let container = Container { pid, pidfd };
+            match parent_setup(plan, pid, parent_sock.as_fd()) {
+                Ok(()) => Ok(container),
+                Err(err) => {
+                    let _ = sys::pidfd_send_signal(container.pidfd.as_fd(), libc::SIGKILL);
+                    let _ = sys::waitid_pidfd(container.pidfd.as_fd(), false);
+                    Err(err)
+                }
+            }
+        }
+    }
+}
+
+/// The parent's half: id maps, idmapped mounts, then wait for exec.
+fn parent_setup(plan: &MachinePlan, pid: libc::pid_t, sock: BorrowedFd<'_>) -> Result<(), RuntimeError> {
+    let ids = plan.ids;
+    let map = format!("0 {} {}\n", ids.base, ids.size);
+    for file in ["uid_map", "gid_map"] {
+        fs::write(format!("/proc/{pid}/{file}"), &map).map_err(RuntimeError::io(format!(
+            "writing /proc/{pid}/{file} ({map:?})"
+        )))?;
+    }
+    let userns = File::open(format!("/proc/{pid}/ns/user"))
+        .map_err(RuntimeError::io("opening the machine's user namespace"))?;
+
+    let def = &plan.definition;
+    let mut trees = vec![idmapped_tree(&def.root, def.read_only, userns.as_fd())?];
+    for bind in &def.binds {
+        trees.push(idmapped_tree(&bind.source, bind.read_only, userns.as_fd())?);
+    }
+    let raw: Vec<RawFd> = trees.iter().map(|t| t.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(b"go")], &cmsg, MsgFlags::empty(), None)
+        .map_err(|e| RuntimeError::io("handing the root to the container")(e.into()))?;
+    drop(trees);
+
+    // The child's end closes on exec (EOF) or carries an error message.
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                return Err(RuntimeError::Child(
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                ))
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(RuntimeError::io("waiting for the container's init")(e.into())),
+        }
+    }
+}
+
+/// A detached copy of `path`'s mount tree, idmapped through `userns`.
+fn idmapped_tree(path: &Path, read_only: bool, userns: BorrowedFd<'_>) -> Result<OwnedFd, RuntimeError> {
+    let tree = sys::open_tree_clone(path).map_err(RuntimeError::io(format!(
+        "cloning the mount tree of {}",
+        path.display()
+    )))?;
+    let mut attrs = libc::MOUNT_ATTR_IDMAP;
+    if read_only {
+        attrs |= libc::MOUNT_ATTR_RDONLY;
+    }
+    sys::mount_setattr_tree(tree.as_fd(), attrs, Some(userns)).map_err(|source| {
+        RuntimeError::NoIdmap {
+            path: path.to_owned(),
+            fs_type: fs_type_name(path),
+            source,
+        }
+    })?;
+    Ok(tree)
+}
+
+fn fs_type_name(path: &Path) -> String {
+    match nix::sys::statfs::statfs(path) {
+        Ok(st) => {
+            let magic = st.filesystem_type().0 as i64;
+            let name = match magic {
+                0xEF53 => "ext4",
+                0x5846_5342 => "xfs",
+                0x9123_683E => "btrfs",
+                0x0102_1994 => "tmpfs",
+                0x794c_7630 => "overlayfs",
+                0x6969 => "nfs",
+                0x6573_5546 => "fuse",
+                0x0102_1997 => "9p",
+                0x6a65_6a6a | 0x5346_414F => "fat/vfat",
+                _ => "",
+            };
+            if name.is_empty() {
+                format!("file system magic {magic:#x}")
+            } else {
+                name.to_owned()
+            }
+        }
+        Err(err) => format!("unknown file system: {err}"),
+    }
+}
+
+enum Never {}
+
+/// The child's half. Returns only on error.
+fn child_main(
+    plan: &MachinePlan,
+    res: &BootResources<'_>,
+    sock: BorrowedFd<'_>,
+) -> Result<Never, RuntimeError> {
+    // A crashed supervisor takes its machine along rather than orphan it.
+    sys::set_parent_death_signal(libc::SIGKILL).map_err(RuntimeError::io("setting PDEATHSIG"))?;
+    sys::set_non_dumpable().map_err(RuntimeError::io("PR_SET_DUMPABLE"))?;
+
+    // The supervisor blocks the signals it reads from a signalfd; the mask
+    // would survive exec and leave init deaf to them.
+    nix::sys::signal::SigSet::empty()
+        .thread_set_mask()
+        .map_err(|e| RuntimeError::io("unblocking signals")(e.into()))?;
+    let trees = receive_trees(sock, 1 + plan.definition.binds.len())?;
+
+    // Become the guest's root now that the maps exist.
+    nix::unistd::setgroups(&[]).map_err(|e| RuntimeError::io("setgroups([])")(e.into()))?;
+    nix::unistd::setresgid(0.into(), 0.into(), 0.into())
+        .map_err(|e| RuntimeError::io("setresgid(0)")(e.into()))?;
+    nix::unistd::setresuid(0.into(), 0.into(), 0.into())
+        .map_err(|e| RuntimeError::io("setresuid(0)")(e.into()))?;
+
+    let new_root = plan.machine_dir.join(paths::ROOT_MOUNT);
+    let mut trees = trees.into_iter();
+    let root_tree = trees.next().ok_or_else(|| RuntimeError::Child("no root tree".into()))?;
+    mount_root(plan, root_tree, &new_root)?;
+    let root = File::open(&new_root).map_err(RuntimeError::io("opening the new root"))?;
+    let root = root.as_fd();
+
+    for (bind, tree) in plan.definition.binds.iter().zip(trees) {
+        let source_is_dir = bind.source.is_dir();
+        let target = ensure_in_root(root, &bind.target, source_is_dir)?;
+        sys::move_mount_to_fd(tree.as_fd(), target.as_fd()).map_err(RuntimeError::io(format!(
+            "mounting bind {} on {}",
+            bind.source.display(),
+            bind.target.display()
+        )))?;
+    }
+
+    mount_proc(root)?;
+    mount_sys(root)?;
+    mount_dev(root, res.console_slave)?;
+    mount_run(root, res.host_dir)?;
+    set_machine_id(plan, root)?;
+
+    pivot_into(&new_root)?;
+    nix::unistd::sethostname(&plan.definition.hostname)
+        .map_err(|e| RuntimeError::io("sethostname")(e.into()))?;
+    attach_console()?;
+
+    let program = security::seccomp_program()?;
+    let argv: Vec<CString> = plan
+        .definition
+        .command
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| RuntimeError::Child("command contains a NUL byte".into()))?;
+    let env = guest_environment(plan)?;
+    sys::close_fds_from(3, &[sock.as_raw_fd()]);
+    security::confine(&program)?;
+    let err = nix::unistd::execve(&argv[0], &argv, &env).unwrap_err();
+    Err(RuntimeError::io(format!("executing {}", plan.definition.command[0]))(err.into()))
+}
+
+fn receive_trees(sock: BorrowedFd<'_>, count: usize) -> Result<Vec<OwnedFd>, RuntimeError> {
+    let mut buf = [0u8; 16];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; 64]);
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(|e| RuntimeError::io("waiting for the id maps")(e.into()))?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(|e| RuntimeError::io("reading the handed root")(e.into()))? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: SCM_RIGHTS installed these descriptors in our table
+            // just now; nothing else owns them.
+            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    if fds.len() != count {
+        return Err(RuntimeError::Child(format!(
+            "expected {count} mount trees from the supervisor, got {}",
+            fds.len()
+        )));
+    }
+    Ok(fds)
+}
+
+fn mount_err(what: String) -> impl FnOnce(nix::errno::Errno) -> RuntimeError {
+    move |e| RuntimeError::io(what)(e.into())
+}
+
+fn fd_path(fd: BorrowedFd<'_>) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Puts the (idmapped) root on `new_root`; for an ephemeral machine, as the
+/// lower layer of an overlay whose upper layer is a tmpfs that dies with the
+/// mount namespace.
+fn mount_root(plan: &MachinePlan, tree: OwnedFd, new_root: &Path) -> Result<(), RuntimeError> {
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(mount_err("making the mount namespace private".into()))?;
+    let target = File::open(new_root).map_err(RuntimeError::io(format!(
+        "opening {}",
+        new_root.display()
+    )))?;
+    if !plan.definition.ephemeral {
+        return sys::move_mount_to_fd(tree.as_fd(), target.as_fd())
+            .map_err(RuntimeError::io("mounting the idmapped root"));
+    }
+    mount(
+        Some("tmpfs"),
+        new_root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )
+    .map_err(mount_err("mounting the ephemeral tmpfs".into()))?;
+    for dir in ["lower", "upper", "work", "merged"] {
+        fs::create_dir(new_root.join(dir)).map_err(RuntimeError::io("preparing the overlay"))?;
+    }
+    let lower = File::open(new_root.join("lower")).map_err(RuntimeError::io("opening lower"))?;
+    sys::move_mount_to_fd(tree.as_fd(), lower.as_fd())
+        .map_err(RuntimeError::io("mounting the idmapped root as the overlay's lower layer"))?;
+    let options = format!(
+        "lowerdir={0}/lower,upperdir={0}/upper,workdir={0}/work",
+        new_root.display()
+    );
+    let merged = new_root.join("merged");
+    mount(Some("overlay"), &merged, Some("overlay"), MsFlags::empty(), Some(options.as_str()))
+        .map_err(mount_err("mounting the ephemeral overlay".into()))?;
+    // Stack the merged tree on new_root itself so pivot_root finds it there.
+    mount(Some(&merged), new_root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(mount_err("placing the ephemeral root".into()))
+}
+
+/// Opens `path` inside `root` (symlinks resolved as if `root` were `/`),
+/// creating missing directories, and the last component as a directory or
+/// an empty file.
+fn ensure_in_root(root: BorrowedFd<'_>, path: &Path, directory: bool) -> Result<OwnedFd, RuntimeError> {
+    let err = |what: &str| RuntimeError::io(format!("{what} {} in the machine", path.display()));
+    if let Ok(fd) = sys::open_in_root(root, path, libc::O_PATH) {
+        return Ok(fd);
+    }
+    let mut current = sys::open_in_root(root, Path::new("/"), libc::O_PATH | libc::O_DIRECTORY)
+        .map_err(err("opening the root for"))?;
+    let components: Vec<_> = path.components().skip_while(|c| c.as_os_str() == "/").collect();
+    for (i, component) in components.iter().enumerate() {
+        let last = i + 1 == components.len();
+        let name = Path::new(component.as_os_str());
+        match sys::open_in_root(current.as_fd(), name, libc::O_PATH) {
+            Ok(fd) => {
+                // Resolve relative to the machine root, not `current`, so an
+                // absolute symlink inside the guest stays inside it.
+                let so_far: PathBuf = components[..=i].iter().collect();
+                current = sys::open_in_root(root, &so_far, libc::O_PATH).unwrap_or(fd);
+            }
+            Err(_) => {
+                let cname = CString::new(name.as_os_str().as_bytes())
+                    .map_err(|_| RuntimeError::Child("path contains NUL".into()))?;
+                let parent = sys::open_in_root(current.as_fd(), Path::new("."), libc::O_DIRECTORY | libc::O_RDONLY)
+                    .map_err(err("opening the parent of"))?;
+                if last && !directory {
+                    nix::fcntl::openat(
+                        Some(parent.as_raw_fd()),
+                        cname.as_c_str(),
+                        nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                        nix::sys::stat::Mode::from_bits_truncate(0o644),
+                    )
+                    // SAFETY: openat returned a fresh descriptor we now own.
+                    .map(|fd| drop(unsafe { OwnedFd::from_raw_fd(fd) }))
+                    .map_err(|e| err("creating")(e.into()))?;
+                } else {
+                    match nix::sys::stat::mkdirat(
+                        Some(parent.as_raw_fd()),
+                        cname.as_c_str(),
+                        nix::sys::stat::Mode::from_bits_truncate(0o755),
+                    ) {
+                        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                        Err(e) => return Err(err("creating")(e.into())),
+                    }
+                }
+                current = sys::open_in_root(parent.as_fd(), name, libc::O_PATH)
+                    .map_err(err("opening"))?;
+            }
+        }
+    }
+    Ok(current)
+}
+
+fn mount_fs(
+    root: BorrowedFd<'_>,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), RuntimeError> {
+    let fd = ensure_in_root(root, Path::new(target), true)?;
+    mount(Some(fstype), &fd_path(fd.as_fd()), Some(fstype), flags, data)
+        .map_err(mount_err(format!("mounting {fstype} on {target}")))
+}
+
+fn bind(root: BorrowedFd<'_>, source: &Path, target: &str, directory: bool, read_only: bool) -> Result<(), RuntimeError> {
+    let fd = ensure_in_root(root, Path::new(target), directory)?;
+    let path = fd_path(fd.as_fd());
+    mount(Some(source), &path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(mount_err(format!("binding {} on {target}", source.display())))?;
+    if read_only {
+        remount_read_only(root, target)?;
+    }
+    Ok(())
+}
+
+/// Bind-remounts `target` read-only, keeping the flags the kernel locked.
+fn remount_read_only(root: BorrowedFd<'_>, target: &str) -> Result<(), RuntimeError> {
+    let fd = sys::open_in_root(root, Path::new(target), libc::O_PATH)
+        .map_err(RuntimeError::io(format!("opening {target}")))?;
+    let path = fd_path(fd.as_fd());
+    let st = nix::sys::statvfs::statvfs(&path).map_err(mount_err(format!("statvfs {target}")))?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    use nix::sys::statvfs::FsFlags;
+    for (have, set) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if st.flags().contains(have) {
+            flags |= set;
+        }
+    }
+    mount(None::<&str>, &path, None::<&str>, flags, None::<&str>)
+        .map_err(mount_err(format!("remounting {target} read-only")))
+}
+
+const SAFE: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
+
+fn mount_proc(root: BorrowedFd<'_>) -> Result<(), RuntimeError> {
+    mount_fs(root, "/proc", "proc", SAFE, None)?;
+    // The machine has its own network namespace, so its net sysctls stay
+    // writable: bound on itself first, it survives as a writable submount
+    // when /proc/sys is made read-only below.
+    bind_onto_itself(root, "/proc/sys/net")?;
+    for path in PROC_READ_ONLY {
+        let target = format!("/proc/{path}");
+        if bind_onto_itself(root, &target)? {
+            remount_read_only(root, &target)?;
+        }
+    }
+    for path in PROC_MASKED {
+        let target = format!("/proc/{path}");
+        if sys::open_in_root(root, Path::new(&target), libc::O_PATH).is_ok() {
+            bind(root, Path::new("/dev/null"), &target, false, true)?;
+        }
+    }
+    Ok(())
+}
+
+/// Bind-mounts an existing path on itself (so it can get its own flags).
+/// Returns false when the path does not exist.
+fn bind_onto_itself(root: BorrowedFd<'_>, target: &str) -> Result<bool, RuntimeError> {
+    let Ok(fd) = sys::open_in_root(root, Path::new(target), libc::O_PATH) else {
+        return Ok(false);
+    };
+    let path = fd_path(fd.as_fd());
+    mount(Some(&path), &path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(mount_err(format!("binding {target} on itself")))?;
+    Ok(true)
+}
+
+fn mount_sys(root: BorrowedFd<'_>) -> Result<(), RuntimeError> {
+    mount_fs(root, "/sys", "sysfs", SAFE | MsFlags::MS_RDONLY, None)?;
+    // systemd needs a writable, delegated cgroup2 tree; the cgroup namespace
+    // makes the machine's own cgroup its root.
+    mount_fs(root, "/sys/fs/cgroup", "cgroup2", SAFE, Some("nsdelegate"))
+        .or_else(|_| mount_fs(root, "/sys/fs/cgroup", "cgroup2", SAFE, None))
+}
+
+fn mount_dev(root: BorrowedFd<'_>, console_slave: &Path) -> Result<(), RuntimeError> {
+    mount_fs(root, "/dev", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755,size=4m"))?;
+    for node in DEVICE_NODES {
+        bind(root, &Path::new("/dev").join(node), &format!("/dev/{node}"), false, false)?;
+    }
+    mount_fs(
+        root,
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    mount_fs(root, "/dev/shm", "tmpfs", SAFE, Some("mode=1777"))?;
+    mount_fs(root, "/dev/mqueue", "mqueue", SAFE, None)?;
+    bind(root, console_slave, "/dev/console", false, false)?;
+    let dev = sys::open_in_root(root, Path::new("/dev"), libc::O_DIRECTORY | libc::O_RDONLY)
+        .map_err(RuntimeError::io("opening /dev"))?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        nix::unistd::symlinkat(target, Some(dev.as_raw_fd()), link)
+            .map_err(mount_err(format!("creating /dev/{link}")))?;
+    }
+    Ok(())
+}
+
+fn mount_run(root: BorrowedFd<'_>, host_dir: &Path) -> Result<(), RuntimeError> {
+    mount_fs(root, "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    bind(root, host_dir, "/run/host", true, true)?;
+    // Some guests expect /run/lock; systemd creates the rest itself.
+    ensure_in_root(root, Path::new("/run/lock"), true).map(drop)
+}
+
+/// Gives the guest the machine id of [`machine_id`] when its own
+/// /etc/machine-id is missing or empty, without writing the image.
+fn set_machine_id(plan: &MachinePlan, root: BorrowedFd<'_>) -> Result<(), RuntimeError> {
+    let current = sys::open_in_root(root, Path::new("/etc/machine-id"), libc::O_RDONLY)
+        .ok()
+        .and_then(|fd| fs::read_to_string(fd_path(fd.as_fd())).ok())
+        .unwrap_or_default();
+    if current.trim().len() == 32 {
+        return Ok(());
+    }
+    if sys::open_in_root(root, Path::new("/etc"), libc::O_PATH | libc::O_DIRECTORY).is_err() {
+        return Ok(());
+    }
+    let file = plan.machine_dir.join(paths::HOST_DIR).join("machine-id");
+    if plan.definition.read_only
+        && sys::open_in_root(root, Path::new("/etc/machine-id"), libc::O_PATH).is_err()
+    {
+        // Nowhere to mount it; the guest gets `container_uuid` instead.
+        return Ok(());
+    }
+    bind(root, &file, "/etc/machine-id", false, true)
+}
+
+fn pivot_into(new_root: &Path) -> Result<(), RuntimeError> {
+    nix::unistd::chdir(new_root).map_err(mount_err("chdir to the new root".into()))?;
+    nix::unistd::pivot_root(".", ".").map_err(mount_err("pivot_root".into()))?;
+    nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH)
+        .map_err(mount_err("detaching the old root".into()))?;
+    nix::unistd::chdir("/").map_err(mount_err("chdir /".into()))
+}
+
+fn attach_console() -> Result<(), RuntimeError> {
+    nix::unistd::setsid().map_err(mount_err("setsid".into()))?;
+    let console = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+        .map_err(RuntimeError::io("opening /dev/console"))?;
+    sys::set_controlling_tty(console.as_fd()).map_err(RuntimeError::io("TIOCSCTTY on /dev/console"))?;
+    for target in 0..3 {
+        nix::unistd::dup2(console.as_raw_fd(), target).map_err(mount_err("dup2 console".into()))?;
+    }
+    Ok(())
+}
+
+fn guest_environment(plan: &MachinePlan) -> Result<Vec<CString>, RuntimeError> {
+    let id = machine_id(plan);
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        ("container".into(), "rmachines".into()),
+        ("container_uuid".into(), uuid_form(&id)),
+        ("NOTIFY_SOCKET".into(), "/run/host/notify".into()),
+        ("HOME".into(), "/root".into()),
+        ("TERM".into(), "vt220".into()),
+    ];
+    for (key, value) in &plan.definition.environment {
+        env.retain(|(k, _)| k != key);
+        env.push((key.clone(), value.clone()));
+    }
+    env.into_iter()
+        .map(|(k, v)| CString::new(format!("{k}={v}")))
+        .collect::<Result<_, _>>()
+        .map_err(|_| RuntimeError::Child("environment contains a NUL byte".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_machine_id_is_stable_hex_and_differs_by_name() {
+        let a = derived_machine_id("web");
+        assert_eq!(a, derived_machine_id("web"));
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, derived_machine_id("web2"));
+        assert_eq!(uuid_form(&a).len(), 36);
+    }
+
+    #[test]
+    fn stop_signal_fits_the_init() {
+        let rtmin3 = libc::SIGRTMIN() + 3;
+        assert_eq!(stop_signal(InitKind::Systemd, StopSignal::Auto, true), rtmin3);
+        assert_eq!(stop_signal(InitKind::Busybox, StopSignal::Auto, true), libc::SIGUSR2);
+        assert_eq!(stop_signal(InitKind::Other, StopSignal::Auto, true), libc::SIGTERM);
+        assert_eq!(stop_signal(InitKind::Systemd, StopSignal::Auto, false), libc::SIGTERM);
+        assert_eq!(stop_signal(InitKind::Busybox, StopSignal::Signal(9), true), 9);
+    }
+
+    #[test]
+    fn readiness_waits_only_for_systemd_on_auto() {
+        assert!(waits_for_ready(InitKind::Systemd, NotifyReady::Auto));
+        assert!(!waits_for_ready(InitKind::Busybox, NotifyReady::Auto));
+        assert!(waits_for_ready(InitKind::Other, NotifyReady::Yes));
+        assert!(!waits_for_ready(InitKind::Systemd, NotifyReady::No));
+    }
+}

@@ -1,0 +1,269 @@
+//! The "enter" primitive: run a process inside a running machine, in all its
+//! namespaces and its cgroup, as a user of the guest.
+//!
+//! The caller (possibly the multi-threaded daemon) resolves the user and then
+//! runs `rmachined __enter <spec-json>`: a fresh single-threaded process that
+//! can safely setns and fork. It joins the machine through a pidfd of init
+//! (one atomic setns for all namespaces), forks so the command is a member of
+//! the PID namespace, drops to the user and execs. It waits for the command
+//! and exits with its status (128+N for death by signal N).
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult};
+use serde::{Deserialize, Serialize};
+
+use super::{security, sys, MachinePlan, RuntimeError};
+
+/// A user of the guest, from its /etc/passwd and /etc/group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: String,
+    pub shell: String,
+}
+
+/// What `__enter` does, passed as JSON in its argument.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnterSpec {
+    pub leader: i32,
+    pub cgroup: PathBuf,
+    pub user: GuestUser,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    /// stdin is a terminal to make the controlling tty of the new session.
+    pub controlling_tty: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnterError {
+    #[error("the machine has no user {0:?} in its /etc/passwd")]
+    NoSuchUser(String),
+    #[error("the machine's init (pid {0}) is gone")]
+    NotRunning(i32),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+fn read_guest_file(leader: i32, path: &str) -> Result<String, EnterError> {
+    let root = File::open(format!("/proc/{leader}/root")).map_err(|_| EnterError::NotRunning(leader))?;
+    let fd = sys::open_in_root(root.as_fd(), Path::new(path), libc::O_RDONLY)
+        .map_err(RuntimeError::io(format!("opening the guest's {path}")))?;
+    let mut text = String::new();
+    File::from(fd)
+        .read_to_string(&mut text)
+        .map_err(RuntimeError::io(format!("reading the guest's {path}")))?;
+    Ok(text)
+}
+
+/// Looks `user` (a name or a numeric uid; empty: root) up in the guest.
+pub fn resolve_user(leader: i32, user: &str) -> Result<GuestUser, EnterError> {
+    let user = if user.is_empty() { "root" } else { user };
+    let passwd = read_guest_file(leader, "/etc/passwd")?;
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 7)
+        .find(|f| f[0] == user || f[2] == user)
+        .ok_or_else(|| EnterError::NoSuchUser(user.to_owned()))?;
+    let (uid, gid) = match (entry[2].parse(), entry[3].parse()) {
+        (Ok(uid), Ok(gid)) => (uid, gid),
+        _ => return Err(EnterError::NoSuchUser(user.to_owned())),
+    };
+    let name = entry[0].to_owned();
+    let groups = read_guest_file(leader, "/etc/group")
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4 && f[3].split(',').any(|m| m == name))
+        .filter_map(|f| f[2].parse().ok())
+        .collect();
+    Ok(GuestUser {
+        name,
+        uid,
+        gid,
+        groups,
+        home: entry[5].to_owned(),
+        shell: if entry[6].is_empty() { "/bin/sh".into() } else { entry[6].to_owned() },
+    })
+}
+
+/// The environment a shell gets: TERM, HOME, USER, LOGNAME, SHELL, PATH, then
+/// the caller's `K=V` entries (which win).
+pub fn environment(user: &GuestUser, term: &str, extra: &[String]) -> Vec<String> {
+    let path = if user.uid == 0 {
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    } else {
+        "/usr/local/bin:/usr/bin:/bin"
+    };
+    let mut env = vec![
+        format!("TERM={term}"),
+        format!("HOME={}", user.home),
+        format!("USER={}", user.name),
+        format!("LOGNAME={}", user.name),
+        format!("SHELL={}", user.shell),
+        format!("PATH={path}"),
+        "container=rmachines".to_owned(),
+    ];
+    for entry in extra {
+        let key = entry.split('=').next().unwrap_or_default();
+        env.retain(|e| e.split('=').next() != Some(key));
+        env.push(entry.clone());
+    }
+    env
+}
+
+/// Builds the `__enter` command for `argv` (empty: the user's login shell).
+/// The caller sets stdio (a pty slave, pipes) and spawns it.
+pub fn command(
+    helper: &Path,
+    plan: &MachinePlan,
+    leader: u32,
+    user: &str,
+    argv: &[String],
+    extra_env: &[String],
+) -> Result<Command, EnterError> {
+    let user = resolve_user(leader as i32, user)?;
+    let spec = EnterSpec {
+        leader: leader as i32,
+        cgroup: plan.cgroup.clone(),
+        env: environment(&user, "dumb", extra_env),
+        argv: argv.to_vec(),
+        user,
+        controlling_tty: false,
+    };
+    Ok(spec_command(helper, &spec))
+}
+
+pub fn spec_command(helper: &Path, spec: &EnterSpec) -> Command {
+    let mut command = Command::new(helper);
+    command
+        .arg("__enter")
+        .arg(serde_json::to_string(spec).unwrap_or_default())
+        .env_clear();
+    command
+}
+
+/// `rmachined __enter <spec-json>`.
+pub fn main(args: &[String]) -> i32 {
+    let spec: EnterSpec = match args.first().map(|a| serde_json::from_str(a)) {
+        Some(Ok(spec)) => spec,
+        _ => {
+            eprintln!("usage: rmachined __enter SPEC-JSON");
+            return 2;
+        }
+    };
+    match enter(&spec) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("rmachined: entering the machine: {err}");
+            127
+        }
+    }
+}
+
+fn enter(spec: &EnterSpec) -> Result<i32, RuntimeError> {
+    sys::set_non_dumpable().map_err(RuntimeError::io("PR_SET_DUMPABLE"))?;
+    let pidfd = sys::pidfd_open(spec.leader)
+        .map_err(RuntimeError::io(format!("pidfd_open of the machine's init (pid {})", spec.leader)))?;
+    join_cgroup(&spec.cgroup, spec.leader);
+    let namespaces = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWCGROUP;
+    sys::setns_pidfd(pidfd.as_fd(), namespaces).map_err(RuntimeError::io("setns into the machine"))?;
+    drop(pidfd);
+    let program = security::seccomp_program()?;
+    // SAFETY: this process is single-threaded (a fresh exec of the helper),
+    // so the child may run ordinary Rust code before exec.
+    match unsafe { fork() }.map_err(|e| RuntimeError::io("fork into the PID namespace")(e.into()))? {
+        ForkResult::Child => {
+            let err = exec_as_user(spec, &program);
+            eprintln!("rmachined: {err}");
+            // SAFETY: leave the forked child without running the parent's
+            // exit handlers.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => loop {
+            match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(RuntimeError::io("waiting for the command")(e.into())),
+            }
+        },
+    }
+}
+
+/// Puts this process in the machine's root cgroup (the leader's if the
+/// guest made the root a domain with controllers, where no process may live).
+fn join_cgroup(cgroup: &Path, leader: i32) {
+    let me = std::process::id().to_string();
+    if fs::write(cgroup.join("cgroup.procs"), &me).is_ok() {
+        return;
+    }
+    let leader_cgroup = fs::read_to_string(format!("/proc/{leader}/cgroup"))
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)));
+    if let (Some(rel), Ok(mount)) = (leader_cgroup, super::cgroup::cgroup2_mount()) {
+        let _ = fs::write(mount.join(rel.trim_start_matches('/')).join("cgroup.procs"), &me);
+    }
+}
+
+fn exec_as_user(spec: &EnterSpec, program: &seccompiler::BpfProgram) -> RuntimeError {
+    let result = (|| -> Result<std::convert::Infallible, RuntimeError> {
+        let errno = |what: &'static str| move |e: nix::errno::Errno| RuntimeError::io(what)(e.into());
+        nix::unistd::setsid().map_err(errno("setsid"))?;
+        if spec.controlling_tty {
+            sys::set_controlling_tty(stdin()).map_err(RuntimeError::io("TIOCSCTTY"))?;
+        }
+        let user = &spec.user;
+        let groups: Vec<nix::unistd::Gid> = spec.user.groups.iter().map(|g| (*g).into()).collect();
+        nix::unistd::setgroups(&groups).map_err(errno("setgroups"))?;
+        nix::unistd::setresgid(user.gid.into(), user.gid.into(), user.gid.into()).map_err(errno("setresgid"))?;
+        nix::unistd::setresuid(user.uid.into(), user.uid.into(), user.uid.into()).map_err(errno("setresuid"))?;
+        if nix::unistd::chdir(Path::new(&user.home)).is_err() {
+            nix::unistd::chdir("/").map_err(errno("chdir /"))?;
+        }
+        security::confine(program)?;
+        let login_shell = spec.argv.is_empty();
+        let argv: Vec<String> = if login_shell {
+            let base = Path::new(&user.shell).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            vec![format!("-{base}")]
+        } else {
+            spec.argv.clone()
+        };
+        let program_path = if login_shell { user.shell.clone() } else { argv[0].clone() };
+        let to_c = |s: &String| CString::new(s.as_bytes()).map_err(|_| RuntimeError::Child(format!("{s:?} contains a NUL byte")));
+        let c_argv = argv.iter().map(to_c).collect::<Result<Vec<_>, _>>()?;
+        let c_env = spec.env.iter().map(to_c).collect::<Result<Vec<_>, _>>()?;
+        let c_program = to_c(&program_path)?;
+        if program_path.contains('/') {
+            nix::unistd::execve(&c_program, &c_argv, &c_env)
+        } else {
+            nix::unistd::execvpe(&c_program, &c_argv, &c_env)
+        }
+        .map_err(|e| RuntimeError::io(format!("executing {program_path}"))(e.into()))
+    })();
+    match result {
+        Err(err) => err,
+        Ok(never) => match never {},
+    }
+}
+
+fn stdin() -> BorrowedFd<'static> {
+    // SAFETY: fd 0 stays open for the life of the process.
+    unsafe { BorrowedFd::borrow_raw(0) }
+}

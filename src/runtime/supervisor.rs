@@ -1,0 +1,589 @@
+//! The per-machine supervisor: `rmachined __supervise <machine-dir>`.
+//!
+//! The daemon is a multi-threaded tokio process, where fork is unsafe; it
+//! re-executes its own binary in this single-threaded role instead (as runc
+//! and youki do). The supervisor is init's parent for the machine's whole
+//! life: it boots the container, holds the console pty master and logs the
+//! console, reads `READY=1` from the notify socket, stops the guest, reaps
+//! init, restarts on guest reboot, and cleans up. It runs in its own session
+//! and outlives a crash of the daemon, which re-adopts it through the
+//! `control` socket and `state.json`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as ProcessCommand, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixCredentials};
+
+use super::container::{self, BootResources, Container, InitKind};
+use super::protocol::{now_usec, Command, MachineState, Status};
+use super::sys::{self, ExitStatus};
+use super::{cgroup, paths, MachinePlan, RuntimeError};
+use crate::definition::RestartPolicy;
+
+/// The control socket is handed to the supervisor as this descriptor.
+const LISTEN_FD: i32 = 3;
+/// How often a stop signal is re-checked until init has a handler for it.
+const STOP_TICK: Duration = Duration::from_millis(50);
+/// At most this many restarts (reboots, restart policy) within the window.
+const RESTART_BURST: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(10);
+
+/// Writes the plan, binds the control socket and starts
+/// `helper __supervise <machine-dir>` in a session of its own. The caller
+/// reaps the returned child (it may also outlive the caller).
+pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Child, RuntimeError> {
+    let dir = &plan.machine_dir;
+    fs::create_dir_all(dir).map_err(RuntimeError::io(format!("creating {}", dir.display())))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+        .map_err(RuntimeError::io(format!("chmod {}", dir.display())))?;
+    let plan_json = serde_json::to_vec_pretty(plan).map_err(|err| RuntimeError::Setup {
+        step: "writing the plan".into(),
+        message: err.to_string(),
+    })?;
+    write_atomic(&dir.join(paths::PLAN), &plan_json)?;
+    let _ = fs::remove_file(dir.join(paths::STATE));
+    let control = dir.join(paths::CONTROL);
+    let _ = fs::remove_file(&control);
+    let listener = UnixListener::bind(&control)
+        .map_err(RuntimeError::io(format!("binding {}", control.display())))?;
+    fs::set_permissions(&control, fs::Permissions::from_mode(0o600))
+        .map_err(RuntimeError::io("chmod control socket"))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(paths::SUPERVISOR_LOG))
+        .map_err(RuntimeError::io("opening the supervisor log"))?;
+    let log_err = log.try_clone().map_err(RuntimeError::io("dup log"))?;
+    let listen_raw = listener.as_raw_fd();
+    let mut command = ProcessCommand::new(helper);
+    command
+        .arg("__supervise")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("WATCHDOG_USEC");
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe functions (setsid, dup2, fcntl).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if listen_raw == LISTEN_FD {
+                let flags = libc::fcntl(LISTEN_FD, libc::F_GETFD);
+                libc::fcntl(LISTEN_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            } else if libc::dup2(listen_raw, LISTEN_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command
+        .spawn()
+        .map_err(RuntimeError::io(format!("starting supervisor {}", helper.display())))?;
+    drop(listener);
+    Ok(child)
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RuntimeError> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, data).map_err(RuntimeError::io(format!("writing {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(RuntimeError::io(format!("renaming to {}", path.display())))
+}
+
+/// Reads the last state a supervisor wrote (for re-adoption and for tests).
+pub fn read_state(machine_dir: &Path) -> Option<Status> {
+    let data = fs::read(machine_dir.join(paths::STATE)).ok()?;
+    serde_json::from_slice(&data).ok()
+}
+
+/// `rmachined __supervise <machine-dir>`.
+pub fn main(args: &[String]) -> i32 {
+    let Some(dir) = args.first() else {
+        eprintln!("usage: rmachined __supervise MACHINE-DIR");
+        return 2;
+    };
+    let dir = PathBuf::from(dir);
+    let _ = tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let plan: MachinePlan = match fs::read(dir.join(paths::PLAN))
+        .map_err(|e| e.to_string())
+        .and_then(|d| serde_json::from_slice(&d).map_err(|e| e.to_string()))
+    {
+        Ok(plan) => plan,
+        Err(err) => {
+            eprintln!("rmachined supervisor: cannot read {}: {err}", dir.join(paths::PLAN).display());
+            return 1;
+        }
+    };
+    // SAFETY: fd 3 was handed to us by `launch` as the listening socket.
+    let listener = unsafe { UnixListener::from_raw_fd(LISTEN_FD) };
+    let mut supervisor = match Supervisor::new(plan, listener) {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("rmachined supervisor: {err}");
+            return 1;
+        }
+    };
+    supervisor.run();
+    0
+}
+
+/// How one boot ended.
+enum Outcome {
+    Reboot,
+    Stopped,
+    Failed(String),
+}
+
+struct Console {
+    master: OwnedFd,
+    /// Kept open so the master never sees EIO between guest opens.
+    _slave: OwnedFd,
+    slave_path: PathBuf,
+}
+
+struct Supervisor {
+    plan: MachinePlan,
+    listener: UnixListener,
+    clients: Vec<Client>,
+    signals: SignalFd,
+    status: Status,
+    stop_requested: bool,
+    restarts: Vec<Instant>,
+    console_log: File,
+}
+
+struct Client {
+    stream: UnixStream,
+    buffer: Vec<u8>,
+}
+
+impl Supervisor {
+    fn new(plan: MachinePlan, listener: UnixListener) -> Result<Self, RuntimeError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(RuntimeError::io("control socket"))?;
+        let mut mask = SigSet::empty();
+        for sig in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGPIPE] {
+            mask.add(sig);
+        }
+        mask.thread_block()
+            .map_err(|e| RuntimeError::io("blocking signals")(e.into()))?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .map_err(|e| RuntimeError::io("signalfd")(e.into()))?;
+        let console_log = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(plan.machine_dir.join(paths::CONSOLE_LOG))
+            .map_err(RuntimeError::io("opening the console log"))?;
+        let status = Status {
+            state: MachineState::Starting,
+            leader: 0,
+            supervisor: std::process::id(),
+            since: now_usec(),
+            error: String::new(),
+            boots: 0,
+        };
+        Ok(Supervisor {
+            plan,
+            listener,
+            clients: Vec::new(),
+            signals,
+            status,
+            stop_requested: false,
+            restarts: Vec::new(),
+            console_log,
+        })
+    }
+
+    fn dir(&self) -> &Path {
+        &self.plan.machine_dir
+    }
+
+    fn set_status(&mut self, state: MachineState, leader: u32, error: String) {
+        if state != self.status.state {
+            self.status.since = now_usec();
+        }
+        self.status.state = state;
+        self.status.leader = leader;
+        self.status.error = error;
+        let _ = write_atomic(
+            &self.dir().join(paths::STATE),
+            &serde_json::to_vec(&self.status).unwrap_or_default(),
+        );
+        tracing::info!(machine = self.plan.name(), state = %state, leader, "state");
+        let mut line = serde_json::to_vec(&self.status).unwrap_or_default();
+        line.push(b'\n');
+        self.clients.retain_mut(|c| c.stream.write_all(&line).is_ok());
+    }
+
+    fn run(&mut self) {
+        self.set_status(MachineState::Starting, 0, String::new());
+        let host_dir = self.dir().join(paths::HOST_DIR);
+        let final_state = loop {
+            self.accept_clients();
+            self.read_clients();
+            if self.stop_requested {
+                break (MachineState::Stopped, String::new());
+            }
+            let outcome = match self.boot_once(&host_dir) {
+                Ok(outcome) => outcome,
+                Err(err) => Outcome::Failed(err.to_string()),
+            };
+            let restart = match &outcome {
+                _ if self.stop_requested => false,
+                Outcome::Reboot => true,
+                Outcome::Stopped => self.plan.definition.restart == RestartPolicy::Always,
+                Outcome::Failed(_) => self.plan.definition.restart != RestartPolicy::No,
+            };
+            if restart && self.restart_allowed() {
+                self.set_status(MachineState::Starting, 0, String::new());
+                continue;
+            }
+            break match outcome {
+                Outcome::Failed(err) if !self.stop_requested => (MachineState::Failed, err),
+                _ => (MachineState::Stopped, String::new()),
+            };
+        };
+        let _ = fs::remove_dir_all(&host_dir);
+        let _ = fs::remove_dir(self.dir().join(paths::ROOT_MOUNT));
+        let _ = fs::remove_file(self.dir().join(paths::CONTROL));
+        self.set_status(final_state.0, 0, final_state.1);
+    }
+
+    fn restart_allowed(&mut self) -> bool {
+        let now = Instant::now();
+        self.restarts.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        self.restarts.push(now);
+        self.restarts.len() <= RESTART_BURST
+    }
+
+    fn boot_once(&mut self, host_dir: &Path) -> Result<Outcome, RuntimeError> {
+        let kind = container::inspect_init(&self.plan)?;
+        prepare_host_dir(&self.plan, host_dir)?;
+        let notify = bind_notify_socket(&host_dir.join(paths::NOTIFY))?;
+        let console = open_console(self.plan.ids.base)?;
+        fs::create_dir_all(self.dir().join(paths::ROOT_MOUNT))
+            .map_err(RuntimeError::io("creating the root mount point"))?;
+        cgroup::create_machine_cgroup(&self.plan.cgroup, self.plan.ids.base)?;
+        let res = BootResources {
+            console_slave: &console.slave_path,
+            host_dir,
+        };
+        let spawned = container::spawn(&self.plan, &res);
+        let outcome = match spawned {
+            Ok(container) => {
+                self.status.boots += 1;
+                let ready_needed = container::waits_for_ready(kind, self.plan.definition.notify_ready);
+                let state = if ready_needed { MachineState::Starting } else { MachineState::Running };
+                self.set_status(state, container.pid as u32, String::new());
+                Ok(self.watch(&container, kind, &console, &notify))
+            }
+            Err(err) => Err(err),
+        };
+        drop(notify);
+        let _ = fs::remove_file(host_dir.join(paths::NOTIFY));
+        let cleanup = cgroup::remove_machine_cgroup(&self.plan.cgroup, Duration::from_secs(10));
+        drop(console);
+        let outcome = outcome?;
+        cleanup?;
+        Ok(outcome)
+    }
+
+    /// The event loop of one boot; returns when init is gone.
+    fn watch(&mut self, container: &Container, kind: InitKind, console: &Console, notify: &UnixDatagram) -> Outcome {
+        let signal = container::stop_signal(kind, self.plan.definition.stop_signal, self.plan.definition.boot);
+        let mut stop: Option<StopProgress> = None;
+        let mut killed = false;
+        let mut buf = vec![0u8; 16384];
+        loop {
+            if self.stop_requested && stop.is_none() {
+                stop = Some(StopProgress {
+                    deadline: Instant::now() + self.plan.definition.stop_timeout,
+                    delivered: false,
+                });
+                self.set_status(MachineState::Stopping, container.pid as u32, String::new());
+            }
+            if let Some(progress) = stop.as_mut() {
+                if !progress.delivered && signal_caught(container.pid, signal) {
+                    let _ = sys::pidfd_send_signal(container.pidfd.as_fd(), signal);
+                    progress.delivered = true;
+                    tracing::info!(machine = self.plan.name(), signal, "stop signal delivered");
+                }
+                if !killed && Instant::now() >= progress.deadline {
+                    tracing::warn!(machine = self.plan.name(), "stop timeout reached, sending SIGKILL");
+                    let _ = sys::pidfd_send_signal(container.pidfd.as_fd(), libc::SIGKILL);
+                    killed = true;
+                }
+            }
+            let timeout = if stop.is_some() { PollTimeout::from(STOP_TICK.as_millis() as u16) } else { PollTimeout::NONE };
+            let client_fds: Vec<BorrowedFd<'_>> = self.clients.iter().map(|c| c.stream.as_fd()).collect();
+            let mut fds = vec![
+                PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(container.pidfd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(console.master.as_fd(), PollFlags::POLLIN),
+                PollFd::new(notify.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+            ];
+            fds.extend(client_fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(err) => {
+                    tracing::error!(%err, "poll failed");
+                    std::thread::sleep(STOP_TICK);
+                }
+            }
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            drop(fds);
+            drop(client_fds);
+            if ready[0] {
+                self.handle_signals();
+            }
+            if ready[2] {
+                self.drain_console(console, &mut buf);
+            }
+            if ready[3] {
+                self.read_notify(notify, container.pid, &mut buf);
+            }
+            if ready[4] {
+                self.accept_clients();
+            }
+            if ready[5..].iter().any(|r| *r) {
+                self.read_clients();
+            }
+            if ready[1] {
+                match sys::waitid_pidfd(container.pidfd.as_fd(), true) {
+                    Ok(Some(status)) => {
+                        self.drain_console(console, &mut buf);
+                        return self.interpret_exit(status, killed);
+                    }
+                    Ok(None) => {}
+                    Err(err) => return Outcome::Failed(format!("waiting for init: {err}")),
+                }
+            }
+        }
+    }
+
+    fn interpret_exit(&self, status: ExitStatus, killed: bool) -> Outcome {
+        tracing::info!(machine = self.plan.name(), ?status, killed, "init exited");
+        if self.stop_requested {
+            return Outcome::Stopped;
+        }
+        match status {
+            ExitStatus::Signaled(libc::SIGHUP) => Outcome::Reboot,
+            ExitStatus::Signaled(libc::SIGINT) | ExitStatus::Exited(0) => Outcome::Stopped,
+            ExitStatus::Exited(code) => Outcome::Failed(format!("init exited with status {code}")),
+            ExitStatus::Signaled(sig) => Outcome::Failed(format!(
+                "init was killed by signal {}",
+                Signal::try_from(sig).map(|s| s.as_str().to_owned()).unwrap_or_else(|_| sig.to_string())
+            )),
+        }
+    }
+
+    fn handle_signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match info.ssi_signo as i32 {
+                libc::SIGTERM | libc::SIGINT => self.stop_requested = true,
+                _ => {}
+            }
+        }
+    }
+
+    fn drain_console(&mut self, console: &Console, buf: &mut [u8]) {
+        loop {
+            match nix::unistd::read(console.master.as_raw_fd(), buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let _ = self.console_log.write_all(&buf[..n]);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn read_notify(&mut self, notify: &UnixDatagram, leader: libc::pid_t, buf: &mut [u8]) {
+        loop {
+            let mut iov = [IoSliceMut::new(buf)];
+            let mut space = nix::cmsg_space!(UnixCredentials, [i32; 16]);
+            let Ok(msg) = recvmsg::<()>(notify.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC) else {
+                return;
+            };
+            let mut sender = 0;
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for cmsg in cmsgs {
+                    match cmsg {
+                        ControlMessageOwned::ScmCredentials(creds) => sender = creds.pid(),
+                        ControlMessageOwned::ScmRights(fds) => {
+                            for fd in fds {
+                                // SAFETY: passed to us just now; we do not keep them.
+                                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let len = msg.bytes;
+            if sender != leader {
+                tracing::debug!(sender, "ignoring notify message not from init");
+                continue;
+            }
+            let text = String::from_utf8_lossy(&iov_bytes(buf, len)).into_owned();
+            for line in text.lines() {
+                match line {
+                    "READY=1" if self.status.state == MachineState::Starting => {
+                        self.set_status(MachineState::Running, leader as u32, String::new());
+                    }
+                    "STOPPING=1" if self.status.state != MachineState::Stopping => {
+                        self.set_status(MachineState::Stopping, leader as u32, String::new());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn accept_clients(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            let _ = stream.set_nonblocking(true);
+            let mut line = serde_json::to_vec(&self.status).unwrap_or_default();
+            line.push(b'\n');
+            let mut client = Client { stream, buffer: Vec::new() };
+            if client.stream.write_all(&line).is_ok() {
+                self.clients.push(client);
+            }
+        }
+    }
+
+    fn read_clients(&mut self) {
+        let mut commands = Vec::new();
+        self.clients.retain_mut(|client| {
+            let mut chunk = [0u8; 512];
+            loop {
+                match client.stream.read(&mut chunk) {
+                    Ok(0) => return false,
+                    Ok(n) => client.buffer.extend_from_slice(&chunk[..n]),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => return false,
+                }
+            }
+            while let Some(pos) = client.buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = client.buffer.drain(..=pos).collect();
+                match serde_json::from_slice::<Command>(&line) {
+                    Ok(command) => commands.push(command),
+                    Err(err) => tracing::warn!(%err, "bad control message"),
+                }
+            }
+            true
+        });
+        for command in commands {
+            match command {
+                Command::Stop => self.stop_requested = true,
+                Command::Kill => {
+                    self.stop_requested = true;
+                    let _ = cgroup::remove_machine_cgroup(&self.plan.cgroup, Duration::ZERO);
+                    if self.status.leader != 0 {
+                        if let Ok(pidfd) = sys::pidfd_open(self.status.leader as i32) {
+                            let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn iov_bytes(buf: &[u8], len: usize) -> Vec<u8> {
+    buf[..len.min(buf.len())].to_vec()
+}
+
+struct StopProgress {
+    deadline: Instant,
+    delivered: bool,
+}
+
+/// Whether process `pid` would receive `signal`: it has a handler for it
+/// (SigCgt) or blocks it to read it later (SigBlk, as busybox init does).
+/// The kernel drops any other signal to a PID namespace's init, so the stop
+/// signal is sent only once init can receive it.
+fn signal_caught(pid: libc::pid_t, signal: libc::c_int) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let bit = 1u64 << (signal - 1);
+    status
+        .lines()
+        .filter_map(|l| l.strip_prefix("SigCgt:").or_else(|| l.strip_prefix("SigBlk:")))
+        .filter_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .any(|mask| mask & bit != 0)
+}
+
+fn prepare_host_dir(plan: &MachinePlan, host_dir: &Path) -> Result<(), RuntimeError> {
+    fs::create_dir_all(host_dir).map_err(RuntimeError::io(format!("creating {}", host_dir.display())))?;
+    fs::set_permissions(host_dir, fs::Permissions::from_mode(0o755))
+        .map_err(RuntimeError::io("chmod host dir"))?;
+    let os_release = ["/etc/os-release", "/usr/lib/os-release"]
+        .iter()
+        .find_map(|p| fs::read(p).ok())
+        .unwrap_or_default();
+    fs::write(host_dir.join("os-release"), os_release).map_err(RuntimeError::io("writing os-release"))?;
+    let id = container::machine_id(plan);
+    fs::write(host_dir.join("machine-id"), format!("{id}\n")).map_err(RuntimeError::io("writing machine-id"))?;
+    Ok(())
+}
+
+fn bind_notify_socket(path: &Path) -> Result<UnixDatagram, RuntimeError> {
+    let _ = fs::remove_file(path);
+    let sock = UnixDatagram::bind(path).map_err(RuntimeError::io(format!("binding {}", path.display())))?;
+    // The guest's root is an unprivileged host uid: it must be able to send.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o777)).map_err(RuntimeError::io("chmod notify socket"))?;
+    setsockopt(&sock, sockopt::PassCred, &true).map_err(|e| RuntimeError::io("SO_PASSCRED")(e.into()))?;
+    sock.set_nonblocking(true).map_err(RuntimeError::io("notify socket"))?;
+    Ok(sock)
+}
+
+fn open_console(guest_root: u32) -> Result<Console, RuntimeError> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+        .map_err(|e| RuntimeError::io("opening /dev/ptmx for the console")(e.into()))?;
+    nix::pty::grantpt(&master).map_err(|e| RuntimeError::io("grantpt")(e.into()))?;
+    nix::pty::unlockpt(&master).map_err(|e| RuntimeError::io("unlockpt")(e.into()))?;
+    let slave_path = PathBuf::from(
+        nix::pty::ptsname_r(&master).map_err(|e| RuntimeError::io("ptsname")(e.into()))?,
+    );
+    // SAFETY: PtyMaster owns a plain descriptor; we take it over.
+    let master: OwnedFd = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(master)) };
+    let slave = sys::open_pty_peer(master.as_fd()).map_err(RuntimeError::io("opening the console's slave"))?;
+    // The guest's root owns its console, as on a real machine (tty group 5).
+    nix::unistd::fchown(slave.as_raw_fd(), Some(guest_root.into()), Some((guest_root + 5).into()))
+        .map_err(|e| RuntimeError::io("chown console")(e.into()))?;
+    Ok(Console {
+        master,
+        _slave: slave,
+        slave_path,
+    })
+}

@@ -1,0 +1,179 @@
+//! Shared helpers for the tests that boot real machines (as root).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use rmachines::definition::*;
+use rmachines::runtime::idrange::IdRange;
+use rmachines::runtime::protocol::{Client, Command as Control, MachineState, Status};
+use rmachines::runtime::{self, paths, MachinePlan};
+
+pub const FIXTURES: &str = "/var/tmp/rmachines-fixtures";
+
+/// Fails loudly (never skips) when not root: these tests need real namespaces.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test boots real machines and must run as root (CI runs it as root)"
+    );
+}
+
+/// Builds (once, cached across runs) and returns a guest tree: "busybox" or "debian".
+pub fn fixture(kind: &str) -> PathBuf {
+    let dest = Path::new(FIXTURES).join(kind);
+    if dest.is_dir() {
+        return dest;
+    }
+    std::fs::create_dir_all(FIXTURES).expect("fixture dir");
+    let lock = std::fs::File::create(Path::new(FIXTURES).join(format!(".{kind}.lock"))).expect("lock");
+    let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("flock");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-rootfs.sh");
+    let status = Command::new(script).arg(kind).arg(&dest).status().expect("run make-rootfs.sh");
+    assert!(status.success(), "building the {kind} fixture failed");
+    dest
+}
+
+pub fn helper_binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_rmachined"))
+}
+
+/// A definition with the SPEC's defaults.
+pub fn definition(name: &str, root: &Path) -> Definition {
+    Definition {
+        name: name.into(),
+        file: PathBuf::from(format!("/nonexistent/{name}.toml")),
+        root: root.into(),
+        boot: true,
+        command: vec!["/sbin/init".into()],
+        hostname: name.into(),
+        autostart: false,
+        restart: RestartPolicy::No,
+        environment: BTreeMap::new(),
+        stop_timeout: Duration::from_secs(30),
+        stop_signal: StopSignal::Auto,
+        notify_ready: NotifyReady::Auto,
+        read_only: false,
+        ephemeral: false,
+        users: Users { base: UidBase::Pick, size: 65536 },
+        network: Network {
+            mode: NetworkMode::None,
+            address: AddressSpec::Auto,
+            nat: false,
+            ports: vec![],
+            bridge: String::new(),
+        },
+        resources: Resources::default(),
+        binds: vec![],
+    }
+}
+
+/// A machine booted straight through the runtime (no daemon), torn down on drop.
+pub struct TestMachine {
+    pub plan: MachinePlan,
+    pub supervisor: Child,
+    pub client: Client,
+    pub state_dir: tempfile::TempDir,
+}
+
+/// A host uid range per test machine name, far from anything real.
+fn test_ids(name: &str) -> IdRange {
+    let hash = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    IdRange { base: 0x4000_0000 + ((hash % 4096) as u32) * 65536, size: 65536 }
+}
+
+impl TestMachine {
+    pub fn launch(def: Definition) -> TestMachine {
+        require_root();
+        let state_dir = tempfile::Builder::new().prefix("rmachines-test-").tempdir().expect("tempdir");
+        let name = def.name.clone();
+        let plan = MachinePlan {
+            ids: test_ids(&name),
+            machine_dir: runtime::machine_dir(state_dir.path(), &name),
+            cgroup: runtime::cgroup::machine_cgroup_path(&format!("test-{name}")).expect("cgroup2"),
+            definition: def,
+        };
+        let supervisor = runtime::supervisor::launch(helper_binary(), &plan).expect("launch supervisor");
+        let client = Client::connect(&plan.machine_dir.join(paths::CONTROL)).expect("connect control");
+        TestMachine { plan, supervisor, client, state_dir }
+    }
+
+    pub fn wait_state(&mut self, state: MachineState, timeout: Duration) -> Status {
+        match self.client.wait_for(timeout, |s| s.state == state) {
+            Ok(Some(status)) => status,
+            other => panic!(
+                "machine {} never reached {state}: {other:?}\nconsole:\n{}\nsupervisor log:\n{}",
+                self.plan.name(),
+                self.console(),
+                std::fs::read_to_string(self.plan.machine_dir.join(paths::SUPERVISOR_LOG)).unwrap_or_default()
+            ),
+        }
+    }
+
+    /// Waits until the supervisor has exited and returns its final status.
+    pub fn wait_end(&mut self, timeout: Duration) -> Status {
+        loop {
+            match self.client.next(timeout) {
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(err) => panic!("waiting for the supervisor to end: {err}; last {:?}", self.client.last),
+            }
+        }
+        let _ = self.supervisor.wait();
+        runtime::supervisor::read_state(&self.plan.machine_dir).expect("final state.json")
+    }
+
+    pub fn leader(&self) -> u32 {
+        self.client.last.as_ref().map(|s| s.leader).unwrap_or(0)
+    }
+
+    pub fn stop(&mut self) {
+        self.client.send(Control::Stop).expect("send stop");
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.plan.machine_dir.join(paths::CONSOLE_LOG)).unwrap_or_default()
+    }
+
+    /// Runs a command inside the machine as `user` through the enter primitive.
+    pub fn enter(&self, user: &str, argv: &[&str]) -> std::process::Output {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        runtime::enter::command(helper_binary(), &self.plan, self.leader(), user, &argv, &[])
+            .expect("build enter command")
+            .output()
+            .expect("run enter")
+    }
+
+    /// Enters and returns stdout, asserting success.
+    pub fn sh(&self, script: &str) -> String {
+        let out = self.enter("", &["/bin/sh", "-c", script]);
+        assert!(out.status.success(), "{script:?} failed: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for TestMachine {
+    fn drop(&mut self) {
+        let _ = self.client.send(Control::Kill);
+        let _ = self.supervisor.wait();
+        let _ = runtime::cgroup::remove_machine_cgroup(&self.plan.cgroup, Duration::from_secs(5));
+    }
+}
+
+/// Everything a machine might leave on the host, for "nothing left behind".
+pub fn assert_nothing_left(machine: &TestMachine) {
+    assert!(!machine.plan.cgroup.exists(), "cgroup {} left behind", machine.plan.cgroup.display());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = machine.plan.machine_dir.to_string_lossy().into_owned();
+    assert!(!mounts.contains(&dir), "mounts under {dir} left behind");
+    assert!(!machine.plan.machine_dir.join(paths::HOST_DIR).exists(), "host dir left behind");
+    assert!(!machine.plan.machine_dir.join(paths::CONTROL).exists(), "control socket left behind");
+    let pids = std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok());
+    for pid in pids {
+        if let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+            assert!(!cg.contains(&format!("/rmachines/test-{}", machine.plan.name())), "process {pid} left in the machine's cgroup");
+        }
+    }
+}
