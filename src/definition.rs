@@ -334,29 +334,25 @@ pub fn parse_signal(text: &str) -> Option<i32> {
     if let Some((_, number)) = SIGNALS.iter().find(|(name, _)| *name == bare) {
         return Some(*number);
     }
+    // The text after "RTMIN+" / "RTMAX-": one or more digits.
     let rt_offset = |rest: &str| -> Option<i32> {
-        if rest.is_empty() {
-            return Some(0);
-        }
-        if !rest.bytes().all(|b| b.is_ascii_digit()) {
+        if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
         rest.parse().ok()
     };
     let number = if let Some(rest) = bare.strip_prefix("RTMIN") {
-        let rest = if rest.is_empty() {
-            rest
-        } else {
-            rest.strip_prefix('+')?
-        };
-        rtmin.checked_add(rt_offset(rest)?)?
+        match rest.strip_prefix('+') {
+            Some(offset) => rtmin.checked_add(rt_offset(offset)?)?,
+            None if rest.is_empty() => rtmin,
+            None => return None,
+        }
     } else if let Some(rest) = bare.strip_prefix("RTMAX") {
-        let rest = if rest.is_empty() {
-            rest
-        } else {
-            rest.strip_prefix('-')?
-        };
-        rtmax.checked_sub(rt_offset(rest)?)?
+        match rest.strip_prefix('-') {
+            Some(offset) => rtmax.checked_sub(rt_offset(offset)?)?,
+            None if rest.is_empty() => rtmax,
+            None => return None,
+        }
     } else {
         return None;
     };
@@ -596,7 +592,7 @@ impl Source<'_> {
 
     /// Turns a TOML error into ours. The deserializer knows the key but does
     /// not hand it out, so it is read back from the text around the span.
-    fn from_toml(&self, error: &toml::de::Error) -> DefinitionError {
+    fn toml_error(&self, error: &toml::de::Error) -> DefinitionError {
         let offset = error.span().map_or(0, |span| span.start);
         let line = self.line_of(offset);
         let message = error.message().trim().to_string();
@@ -690,7 +686,7 @@ fn parse_with_spans(
     text: &str,
 ) -> Result<(Definition, Range<usize>), DefinitionError> {
     let src = Source { file, text };
-    let raw: RawDefinition = toml::from_str(text).map_err(|e| src.from_toml(&e))?;
+    let raw: RawDefinition = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
 
     let root_raw = raw.root.ok_or_else(|| {
         src.missing(
@@ -1011,13 +1007,15 @@ fn parse_users(src: &Source<'_>, raw: Option<&RawUsers>) -> Result<Users, Defini
                     }
                 }
             }
-            other => return Err(src.spanned(
-                base,
-                "users.base",
-                format!(
+            other => {
+                return Err(src.spanned(
+                    base,
+                    "users.base",
+                    format!(
                     "expected \"pick\" or a host uid that is a multiple of 65536, found {other}"
                 ),
-            )),
+                ))
+            }
         },
         None => UidBase::Pick,
     };
@@ -1330,4 +1328,615 @@ pub fn load_dir(dir: &Path) -> std::io::Result<Vec<LoadedDefinition>> {
             file,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const FILE: &str = "/etc/rmachines/web.toml";
+
+    fn parse(text: &str) -> Result<Definition, DefinitionError> {
+        parse_definition("web", Path::new(FILE), text)
+    }
+
+    /// Parses `text`, expects an error and checks it names the file, `line` and `key`.
+    #[track_caller]
+    fn expect_error(text: &str, line: usize, key: &str) -> String {
+        let err = parse(text).expect_err("definition should be rejected");
+        let message = err.to_string();
+        assert_eq!(err.line(), Some(line), "{message}");
+        assert_eq!(err.key(), Some(key), "{message}");
+        assert!(
+            message.starts_with(&format!("{FILE}:{line}: key \"{key}\": ")),
+            "{message}"
+        );
+        message
+    }
+
+    fn with_root(rest: &str) -> String {
+        format!("root = \"/var/lib/machines/web\"\n{rest}")
+    }
+
+    #[test]
+    fn minimal_definition_gets_defaults() {
+        let def = parse(&with_root("")).unwrap();
+        assert_eq!(def.name, "web");
+        assert_eq!(def.file, PathBuf::from(FILE));
+        assert_eq!(def.root, PathBuf::from("/var/lib/machines/web"));
+        assert!(def.boot);
+        assert_eq!(def.command, vec!["/sbin/init"]);
+        assert_eq!(def.hostname, "web");
+        assert!(!def.autostart);
+        assert_eq!(def.restart, RestartPolicy::No);
+        assert!(def.environment.is_empty());
+        assert_eq!(def.stop_timeout, Duration::from_secs(30));
+        assert_eq!(def.stop_signal, StopSignal::Auto);
+        assert_eq!(def.notify_ready, NotifyReady::Auto);
+        assert!(!def.read_only);
+        assert!(!def.ephemeral);
+        assert_eq!(
+            def.users,
+            Users {
+                base: UidBase::Pick,
+                size: 65536
+            }
+        );
+        assert_eq!(
+            def.network,
+            Network {
+                mode: NetworkMode::Private,
+                address: AddressSpec::Auto,
+                nat: true,
+                ports: vec![],
+                bridge: String::new(),
+            }
+        );
+        assert_eq!(def.resources, Resources::default());
+        assert!(def.binds.is_empty());
+    }
+
+    const SPEC_EXAMPLE: &str = r#"root = "/var/lib/machines/web"   # required: a directory holding an OS tree
+boot = true                      # default true: run init as PID 1
+command = ["/sbin/init"]         # default ["/sbin/init"] when boot = true
+hostname = "web"                 # default: the machine name
+autostart = false                # started when rmachined starts
+restart = "no"                   # no | on-failure | always
+environment = { LANG = "C.UTF-8" }
+stop_timeout = "30s"             # then SIGKILL
+stop_signal = "auto"             # auto: SIGRTMIN+3 for systemd, what the init understands otherwise
+notify_ready = "auto"            # auto | yes | no  (auto: yes when init is systemd)
+read_only = false                # root mounted read-only
+ephemeral = false                # writable overlay discarded at stop
+
+[users]                          # user namespace: always on
+base = "pick"                    # "pick" or a fixed host uid (multiple of 65536)
+size = 65536
+
+[network]
+mode = "private"                 # private (veth to host) | none (loopback only)
+address = "auto"                 # or "CIDR", e.g. "192.0.2.10/24"
+nat = true                       # masquerade outbound traffic
+ports = ["tcp:8080:80"]          # proto:host_port:machine_port
+bridge = ""                      # attach host side to this bridge instead
+
+[resources]
+memory = "512M"
+cpus = 1.5
+tasks = 512
+
+[[bind]]
+source = "/srv/web"
+target = "/srv/web"
+read_only = false
+"#;
+
+    #[test]
+    fn spec_example_parses() {
+        let def = parse(SPEC_EXAMPLE).unwrap();
+        let expected = Definition {
+            name: "web".into(),
+            file: PathBuf::from(FILE),
+            root: PathBuf::from("/var/lib/machines/web"),
+            boot: true,
+            command: vec!["/sbin/init".into()],
+            hostname: "web".into(),
+            autostart: false,
+            restart: RestartPolicy::No,
+            environment: BTreeMap::from([("LANG".to_string(), "C.UTF-8".to_string())]),
+            stop_timeout: Duration::from_secs(30),
+            stop_signal: StopSignal::Auto,
+            notify_ready: NotifyReady::Auto,
+            read_only: false,
+            ephemeral: false,
+            users: Users {
+                base: UidBase::Pick,
+                size: 65536,
+            },
+            network: Network {
+                mode: NetworkMode::Private,
+                address: AddressSpec::Auto,
+                nat: true,
+                ports: vec![PortSpec {
+                    protocol: Protocol::Tcp,
+                    host_port: 8080,
+                    machine_port: 80,
+                }],
+                bridge: String::new(),
+            },
+            resources: Resources {
+                memory: Some(512 << 20),
+                cpus: Some(1.5),
+                tasks: Some(512),
+            },
+            binds: vec![Bind {
+                source: "/srv/web".into(),
+                target: "/srv/web".into(),
+                read_only: false,
+            }],
+        };
+        assert_eq!(def, expected);
+    }
+
+    #[test]
+    fn explicit_values_parse() {
+        let def = parse(&with_root(
+            r#"boot = false
+command = ["/bin/sh", "-c", "sleep 1"]
+hostname = "Web-1.example"
+autostart = true
+restart = "on-failure"
+stop_timeout = "1min 30s"
+stop_signal = "RTMIN+4"
+notify_ready = "yes"
+[users]
+base = 524288
+size = 131072
+[network]
+mode = "private"
+address = "192.0.2.10/24"
+nat = false
+ports = ["udp:53:53", "tcp:53:53"]
+bridge = "br0"
+[resources]
+memory = 1048576
+cpus = 2
+"#,
+        ))
+        .unwrap();
+        assert!(!def.boot);
+        assert_eq!(def.command, vec!["/bin/sh", "-c", "sleep 1"]);
+        assert_eq!(def.hostname, "Web-1.example");
+        assert_eq!(def.restart, RestartPolicy::OnFailure);
+        assert_eq!(def.stop_timeout, Duration::from_secs(90));
+        assert_eq!(def.stop_signal, StopSignal::Signal(libc::SIGRTMIN() + 4));
+        assert_eq!(def.notify_ready, NotifyReady::Yes);
+        assert_eq!(
+            def.users,
+            Users {
+                base: UidBase::Fixed(524288),
+                size: 131072
+            }
+        );
+        assert_eq!(
+            def.network.address,
+            AddressSpec::Cidr(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)), 24)
+        );
+        assert!(!def.network.nat);
+        assert_eq!(def.network.ports.len(), 2);
+        assert_eq!(def.network.bridge, "br0");
+        assert_eq!(def.resources.memory, Some(1048576));
+        assert_eq!(def.resources.cpus, Some(2.0));
+        assert_eq!(def.resources.tasks, None);
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let err = parse(&with_root("boot = \n")).unwrap_err();
+        let message = err.to_string();
+        assert!(message.starts_with(&format!("{FILE}:2: ")), "{message}");
+        assert_eq!(err.line(), Some(2));
+
+        let err = parse(&with_root("\n\n[network\nmode = \"none\"\n")).unwrap_err();
+        assert_eq!(err.line(), Some(4), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        expect_error(&with_root("\nbooot = true\n"), 3, "booot");
+        expect_error(
+            &with_root("[network]\nmode = \"private\"\nnatt = true\n"),
+            4,
+            "network.natt",
+        );
+        expect_error(
+            &with_root("[[bind]]\nsource = \"/a\"\ntarget = \"/b\"\nro = true\n"),
+            5,
+            "bind.ro",
+        );
+    }
+
+    #[test]
+    fn unknown_table_is_rejected() {
+        let err = parse(&with_root("[netwrk]\nmode = \"none\"\n")).unwrap_err();
+        assert_eq!(err.line(), Some(2), "{err}");
+        assert!(err.to_string().contains("netwrk"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_are_rejected() {
+        expect_error(&with_root("boot = \"yes\"\n"), 2, "boot");
+        expect_error(&with_root("command = \"/sbin/init\"\n"), 2, "command");
+        expect_error(&with_root("[network]\nnat = 1\n"), 3, "network.nat");
+        expect_error(
+            &with_root("[resources]\ntasks = \"many\"\n"),
+            3,
+            "resources.tasks",
+        );
+        expect_error("root = 5\n", 1, "root");
+    }
+
+    #[test]
+    fn root_errors() {
+        let err = parse("boot = true\n").unwrap_err();
+        assert_eq!(err.key(), Some("root"));
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{FILE}: key \"root\": ")),
+            "{err}"
+        );
+        expect_error("\nroot = \"var/lib/machines/web\"\n", 2, "root");
+        expect_error("root = \"/var/lib/../web\"\n", 1, "root");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let cases: &[(&str, &str)] = &[
+            ("restart = \"sometimes\"", "restart"),
+            ("stop_timeout = \"30 parsecs\"", "stop_timeout"),
+            ("stop_timeout = \"s\"", "stop_timeout"),
+            ("stop_timeout = -1", "stop_timeout"),
+            ("stop_signal = \"SIGFOO\"", "stop_signal"),
+            ("stop_signal = \"RTMIN+99\"", "stop_signal"),
+            ("stop_signal = 0", "stop_signal"),
+            ("stop_signal = 65", "stop_signal"),
+            ("notify_ready = \"maybe\"", "notify_ready"),
+            ("hostname = \"bad_host\"", "hostname"),
+            ("hostname = \"a..b\"", "hostname"),
+            ("hostname = \"\"", "hostname"),
+            ("command = []", "command"),
+            ("command = [\"sbin/init\"]", "command"),
+            ("environment = { \"\" = \"x\" }", "environment"),
+            ("environment = { \"A=B\" = \"x\" }", "environment"),
+            ("environment = { \"A\\u0000\" = \"x\" }", "environment"),
+        ];
+        for (line, key) in cases {
+            let message = expect_error(&with_root(line), 2, key);
+            assert!(!message.is_empty());
+        }
+    }
+
+    #[test]
+    fn command_is_required_without_boot() {
+        expect_error(&with_root("boot = false\n"), 2, "command");
+    }
+
+    #[test]
+    fn bad_users_are_rejected() {
+        let cases: &[(&str, &str)] = &[
+            ("base = \"choose\"", "users.base"),
+            ("base = 0", "users.base"),
+            ("base = 1000", "users.base"),
+            ("base = -65536", "users.base"),
+            ("base = 4294901760", "users.base"),
+            ("size = 1000", "users.size"),
+            ("size = 0", "users.size"),
+            ("size = 2162688", "users.size"),
+        ];
+        for (line, key) in cases {
+            expect_error(&with_root(&format!("[users]\n{line}\n")), 3, key);
+        }
+    }
+
+    #[test]
+    fn bad_network_is_rejected() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("mode = \"bridged\"", "network.mode", "bridged"),
+            ("address = \"192.0.2.10\"", "network.address", "prefix"),
+            (
+                "address = \"192.0.2.300/24\"",
+                "network.address",
+                "192.0.2.300",
+            ),
+            ("address = \"192.0.2.10/33\"", "network.address", "0-32"),
+            ("address = \"fd00::1/129\"", "network.address", "0-128"),
+            (
+                "address = \"192.0.2.0/24\"",
+                "network.address",
+                "network address",
+            ),
+            (
+                "address = \"192.0.2.255/24\"",
+                "network.address",
+                "broadcast",
+            ),
+            (
+                "ports = [\"tcp:99999:80\"]",
+                "network.ports",
+                "port 99999 is out of range 1-65535",
+            ),
+            ("ports = [\"tcp:0:80\"]", "network.ports", "out of range"),
+            ("ports = [\"sctp:80:80\"]", "network.ports", "sctp"),
+            (
+                "ports = [\"tcp:80\"]",
+                "network.ports",
+                "protocol:host_port",
+            ),
+            ("ports = [\"tcp:x:80\"]", "network.ports", "not a port"),
+            ("bridge = \"a/b\"", "network.bridge", "interface"),
+        ];
+        for (line, key, needle) in cases {
+            let message = expect_error(&with_root(&format!("[network]\n{line}\n")), 3, key);
+            assert!(message.contains(needle), "{message}");
+        }
+    }
+
+    #[test]
+    fn example_port_error_reads_as_documented() {
+        let message = expect_error(
+            &with_root("[network]\nports = [\"tcp:99999:80\"]\n"),
+            3,
+            "network.ports",
+        );
+        assert_eq!(
+            message,
+            format!("{FILE}:3: key \"network.ports\": \"tcp:99999:80\": port 99999 is out of range 1-65535")
+        );
+    }
+
+    #[test]
+    fn duplicate_ports_are_rejected() {
+        let text = with_root(
+            "[network]\nports = [\n  \"tcp:80:80\",\n  \"udp:80:80\",\n  \"tcp:80:8080\",\n]\n",
+        );
+        let message = expect_error(&text, 6, "network.ports");
+        assert!(message.contains("twice"), "{message}");
+    }
+
+    #[test]
+    fn mode_none_excludes_ports_and_address() {
+        expect_error(
+            &with_root("[network]\nmode = \"none\"\nports = [\"tcp:80:80\"]\n"),
+            4,
+            "network.ports",
+        );
+        expect_error(
+            &with_root("[network]\nmode = \"none\"\naddress = \"192.0.2.1/24\"\n"),
+            4,
+            "network.address",
+        );
+        let def = parse(&with_root(
+            "[network]\nmode = \"none\"\naddress = \"auto\"\n",
+        ))
+        .unwrap();
+        assert_eq!(def.network.mode, NetworkMode::None);
+    }
+
+    #[test]
+    fn bad_resources_are_rejected() {
+        let cases: &[(&str, &str)] = &[
+            ("memory = \"512X\"", "resources.memory"),
+            ("memory = \"0\"", "resources.memory"),
+            ("memory = 0", "resources.memory"),
+            ("memory = \"M\"", "resources.memory"),
+            ("memory = \"99999999999T\"", "resources.memory"),
+            ("cpus = 0", "resources.cpus"),
+            ("cpus = -1.5", "resources.cpus"),
+            ("cpus = 1025", "resources.cpus"),
+            ("cpus = nan", "resources.cpus"),
+            ("cpus = \"two\"", "resources.cpus"),
+            ("tasks = 0", "resources.tasks"),
+        ];
+        for (line, key) in cases {
+            expect_error(&with_root(&format!("[resources]\n{line}\n")), 3, key);
+        }
+    }
+
+    #[test]
+    fn bad_binds_are_rejected() {
+        let bind = |source: &str, target: &str| {
+            with_root(&format!("[[bind]]\nsource = \"/ok\"\ntarget = \"/ok\"\n[[bind]]\nsource = \"{source}\"\ntarget = \"{target}\"\n"))
+        };
+        expect_error(&bind("relative", "/srv"), 6, "bind.source");
+        expect_error(&bind("/srv", "srv"), 7, "bind.target");
+        expect_error(&bind("/srv", "/"), 7, "bind.target");
+        expect_error(&bind("/srv", "/srv/../etc"), 7, "bind.target");
+    }
+
+    #[test]
+    fn durations() {
+        for (text, expected) in [
+            ("30s", Duration::from_secs(30)),
+            ("500ms", Duration::from_millis(500)),
+            ("2min", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+            ("45", Duration::from_secs(45)),
+            ("1min30s", Duration::from_secs(90)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+        for text in ["", "s", "30x", "1.5s", "-3s"] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024K"), Ok(1 << 20));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("1.5G").is_err());
+    }
+
+    #[test]
+    fn names() {
+        for good in ["web", "0", "a.b-c", "web-", &"a".repeat(64)] {
+            assert_eq!(validate_name(good), Ok(()), "{good}");
+        }
+        let long = "a".repeat(65);
+        for bad in [
+            "",
+            "Web",
+            "-web",
+            ".web",
+            "a..b",
+            "a/b",
+            "a\0b",
+            "a_b",
+            "a b",
+            long.as_str(),
+        ] {
+            let err = validate_name(bad).expect_err(bad);
+            assert!(err.to_string().ends_with(|c: char| c != '.'), "{err}");
+        }
+    }
+
+    #[test]
+    fn restart_policy_round_trips() {
+        for value in RestartPolicy::ALL {
+            assert_eq!(value.to_string().parse::<RestartPolicy>(), Ok(value));
+        }
+        assert!("never".parse::<RestartPolicy>().is_err());
+    }
+
+    #[test]
+    fn notify_ready_round_trips() {
+        for value in NotifyReady::ALL {
+            assert_eq!(value.to_string().parse::<NotifyReady>(), Ok(value));
+        }
+        assert!("true".parse::<NotifyReady>().is_err());
+    }
+
+    #[test]
+    fn network_mode_round_trips() {
+        for value in NetworkMode::ALL {
+            assert_eq!(value.to_string().parse::<NetworkMode>(), Ok(value));
+        }
+        assert!("host".parse::<NetworkMode>().is_err());
+    }
+
+    #[test]
+    fn protocol_round_trips() {
+        for value in Protocol::ALL {
+            assert_eq!(value.to_string().parse::<Protocol>(), Ok(value));
+        }
+        assert!("sctp".parse::<Protocol>().is_err());
+    }
+
+    #[test]
+    fn stop_signal_round_trips() {
+        let mut values = vec![StopSignal::Auto];
+        values.extend((1..=libc::SIGRTMAX()).map(StopSignal::Signal));
+        for value in values {
+            assert_eq!(
+                value.to_string().parse::<StopSignal>(),
+                Ok(value),
+                "{value}"
+            );
+        }
+        assert_eq!(StopSignal::Signal(libc::SIGTERM).to_string(), "SIGTERM");
+        assert_eq!(
+            StopSignal::Signal(libc::SIGRTMIN() + 3).to_string(),
+            "SIGRTMIN+3"
+        );
+    }
+
+    #[test]
+    fn signal_spellings() {
+        assert_eq!(parse_signal("SIGTERM"), Some(libc::SIGTERM));
+        assert_eq!(parse_signal("TERM"), Some(libc::SIGTERM));
+        assert_eq!(parse_signal("sigint"), Some(libc::SIGINT));
+        assert_eq!(parse_signal("SIGRTMIN+3"), Some(libc::SIGRTMIN() + 3));
+        assert_eq!(parse_signal("RTMIN+4"), Some(libc::SIGRTMIN() + 4));
+        assert_eq!(parse_signal("RTMIN"), Some(libc::SIGRTMIN()));
+        assert_eq!(parse_signal("SIGRTMAX-1"), Some(libc::SIGRTMAX() - 1));
+        assert_eq!(parse_signal("15"), Some(15));
+        for bad in [
+            "", "0", "65", "RTMIN+", "RTMIN-1", "RTMIN+40", "SIG", "FOO", "+3",
+        ] {
+            assert_eq!(parse_signal(bad), None, "{bad}");
+        }
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn load_definition_checks_root_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("rootfs");
+        std::fs::create_dir(&root).unwrap();
+        let good = write(dir.path(), "good.toml", &format!("root = {:?}\n", root));
+        let def = load_definition(&good).unwrap();
+        assert_eq!(def.name, "good");
+        assert_eq!(def.root, root);
+
+        let missing = write(
+            dir.path(),
+            "missing.toml",
+            &format!("\nroot = {:?}\n", dir.path().join("nope")),
+        );
+        let err = load_definition(&missing).unwrap_err();
+        assert_eq!((err.line(), err.key()), (Some(2), Some("root")), "{err}");
+        assert!(err
+            .to_string()
+            .starts_with(&format!("{}:2: key \"root\"", missing.display())));
+
+        let file_root = write(dir.path(), "file.toml", &format!("root = {:?}\n", good));
+        let err = load_definition(&file_root).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+
+        let bad_name = write(dir.path(), "Bad_Name.toml", &format!("root = {:?}\n", root));
+        let err = load_definition(&bad_name).unwrap_err();
+        assert!(matches!(err, DefinitionError::Name { .. }));
+        assert!(err.to_string().contains("Bad_Name.toml"), "{err}");
+
+        let err = load_definition(&dir.path().join("absent.toml")).unwrap_err();
+        assert!(matches!(err, DefinitionError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn load_dir_keeps_going_past_broken_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("rootfs");
+        std::fs::create_dir(&root).unwrap();
+        write(dir.path(), "web.toml", &format!("root = {:?}\n", root));
+        write(dir.path(), "broken.toml", "root = \n");
+        write(dir.path(), "Bad.toml", &format!("root = {:?}\n", root));
+        write(dir.path(), "notes.txt", "not a machine");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        write(
+            &dir.path().join("sub"),
+            "nested.toml",
+            &format!("root = {:?}\n", root),
+        );
+
+        let loaded = load_dir(dir.path()).unwrap();
+        let names: Vec<&str> = loaded.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["Bad", "broken", "web"]);
+        assert!(matches!(
+            loaded[0].result,
+            Err(DefinitionError::Name { .. })
+        ));
+        let broken = loaded[1].result.as_ref().unwrap_err();
+        assert_eq!(broken.line(), Some(1), "{broken}");
+        assert_eq!(loaded[2].result.as_ref().unwrap().root, root);
+        assert_eq!(loaded[2].file, dir.path().join("web.toml"));
+    }
 }
