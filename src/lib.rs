@@ -5,7 +5,7 @@
 //! - [`runtime`]: namespaces, mounts, id maps, cgroups, the per-machine supervisor.
 //! - [`manager`]: machine state and supervision for the daemon.
 //! - [`dbus`]: the `org.rmachines1` bus face; no container logic.
-//! - [`cli`]: `rmachinectl`.
+//! - [`cli`]: `rmachinectl`, the command-line client.
 
 pub mod cli;
 pub mod dbus;
