@@ -202,7 +202,11 @@ pub fn spawn(plan: &MachinePlan, res: &BootResources<'_>) -> Result<Container, R
 }
 
 /// The parent's half: id maps, idmapped mounts, then wait for exec.
-fn parent_setup(plan: &MachinePlan, pid: libc::pid_t, sock: BorrowedFd<'_>) -> Result<(), RuntimeError> {
+fn parent_setup(
+    plan: &MachinePlan,
+    pid: libc::pid_t,
+    sock: BorrowedFd<'_>,
+) -> Result<(), RuntimeError> {
     let ids = plan.ids;
     let map = format!("0 {} {}\n", ids.base, ids.size);
     for file in ["uid_map", "gid_map"] {
@@ -220,8 +224,14 @@ fn parent_setup(plan: &MachinePlan, pid: libc::pid_t, sock: BorrowedFd<'_>) -> R
     }
     let raw: Vec<RawFd> = trees.iter().map(|t| t.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
-    sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(b"go")], &cmsg, MsgFlags::empty(), None)
-        .map_err(|e| RuntimeError::io("handing the root to the container")(e.into()))?;
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(b"go")],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| RuntimeError::io("handing the root to the container")(e.into()))?;
     drop(trees);
 
     // The child's end closes on exec (EOF) or carries an error message.
@@ -235,13 +245,21 @@ fn parent_setup(plan: &MachinePlan, pid: libc::pid_t, sock: BorrowedFd<'_>) -> R
                 ))
             }
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(RuntimeError::io("waiting for the container's init")(e.into())),
+            Err(e) => {
+                return Err(RuntimeError::io("waiting for the container's init")(
+                    e.into(),
+                ))
+            }
         }
     }
 }
 
 /// A detached copy of `path`'s mount tree, idmapped through `userns`.
-fn idmapped_tree(path: &Path, read_only: bool, userns: BorrowedFd<'_>) -> Result<OwnedFd, RuntimeError> {
+fn idmapped_tree(
+    path: &Path,
+    read_only: bool,
+    userns: BorrowedFd<'_>,
+) -> Result<OwnedFd, RuntimeError> {
     let tree = sys::open_tree_clone(path).map_err(RuntimeError::io(format!(
         "cloning the mount tree of {}",
         path.display()
@@ -314,7 +332,9 @@ fn child_main(
 
     let new_root = plan.machine_dir.join(paths::ROOT_MOUNT);
     let mut trees = trees.into_iter();
-    let root_tree = trees.next().ok_or_else(|| RuntimeError::Child("no root tree".into()))?;
+    let root_tree = trees
+        .next()
+        .ok_or_else(|| RuntimeError::Child("no root tree".into()))?;
     mount_root(plan, root_tree, &new_root)?;
     let root = File::open(&new_root).map_err(RuntimeError::io("opening the new root"))?;
     let root = root.as_fd();
@@ -352,21 +372,35 @@ fn child_main(
     sys::close_fds_from(3, &[sock.as_raw_fd()]);
     security::confine(&program)?;
     let err = nix::unistd::execve(&argv[0], &argv, &env).unwrap_err();
-    Err(RuntimeError::io(format!("executing {}", plan.definition.command[0]))(err.into()))
+    Err(RuntimeError::io(format!(
+        "executing {}",
+        plan.definition.command[0]
+    ))(err.into()))
 }
 
 fn receive_trees(sock: BorrowedFd<'_>, count: usize) -> Result<Vec<OwnedFd>, RuntimeError> {
     let mut buf = [0u8; 16];
     let mut iov = [IoSliceMut::new(&mut buf)];
     let mut space = nix::cmsg_space!([RawFd; 64]);
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(|e| RuntimeError::io("waiting for the id maps")(e.into()))?;
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| RuntimeError::io("waiting for the id maps")(e.into()))?;
     let mut fds = Vec::new();
-    for cmsg in msg.cmsgs().map_err(|e| RuntimeError::io("reading the handed root")(e.into()))? {
+    for cmsg in msg
+        .cmsgs()
+        .map_err(|e| RuntimeError::io("reading the handed root")(e.into()))?
+    {
         if let ControlMessageOwned::ScmRights(raw) = cmsg {
             // SAFETY: SCM_RIGHTS installed these descriptors in our table
             // just now; nothing else owns them.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
     if fds.len() != count {
@@ -390,12 +424,16 @@ fn fd_path(fd: BorrowedFd<'_>) -> PathBuf {
 /// lower layer of an overlay whose upper layer is a tmpfs that dies with the
 /// mount namespace.
 fn mount_root(plan: &MachinePlan, tree: OwnedFd, new_root: &Path) -> Result<(), RuntimeError> {
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(mount_err("making the mount namespace private".into()))?;
-    let target = File::open(new_root).map_err(RuntimeError::io(format!(
-        "opening {}",
-        new_root.display()
-    )))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(mount_err("making the mount namespace private".into()))?;
+    let target = File::open(new_root)
+        .map_err(RuntimeError::io(format!("opening {}", new_root.display())))?;
     if !plan.definition.ephemeral {
         return sys::move_mount_to_fd(tree.as_fd(), target.as_fd())
             .map_err(RuntimeError::io("mounting the idmapped root"));
@@ -412,31 +450,51 @@ fn mount_root(plan: &MachinePlan, tree: OwnedFd, new_root: &Path) -> Result<(), 
         fs::create_dir(new_root.join(dir)).map_err(RuntimeError::io("preparing the overlay"))?;
     }
     let lower = File::open(new_root.join("lower")).map_err(RuntimeError::io("opening lower"))?;
-    sys::move_mount_to_fd(tree.as_fd(), lower.as_fd())
-        .map_err(RuntimeError::io("mounting the idmapped root as the overlay's lower layer"))?;
+    sys::move_mount_to_fd(tree.as_fd(), lower.as_fd()).map_err(RuntimeError::io(
+        "mounting the idmapped root as the overlay's lower layer",
+    ))?;
     let options = format!(
         "lowerdir={0}/lower,upperdir={0}/upper,workdir={0}/work",
         new_root.display()
     );
     let merged = new_root.join("merged");
-    mount(Some("overlay"), &merged, Some("overlay"), MsFlags::empty(), Some(options.as_str()))
-        .map_err(mount_err("mounting the ephemeral overlay".into()))?;
+    mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(mount_err("mounting the ephemeral overlay".into()))?;
     // Stack the merged tree on new_root itself so pivot_root finds it there.
-    mount(Some(&merged), new_root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(mount_err("placing the ephemeral root".into()))
+    mount(
+        Some(&merged),
+        new_root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(mount_err("placing the ephemeral root".into()))
 }
 
 /// Opens `path` inside `root` (symlinks resolved as if `root` were `/`),
 /// creating missing directories, and the last component as a directory or
 /// an empty file.
-fn ensure_in_root(root: BorrowedFd<'_>, path: &Path, directory: bool) -> Result<OwnedFd, RuntimeError> {
+fn ensure_in_root(
+    root: BorrowedFd<'_>,
+    path: &Path,
+    directory: bool,
+) -> Result<OwnedFd, RuntimeError> {
     let err = |what: &str| RuntimeError::io(format!("{what} {} in the machine", path.display()));
     if let Ok(fd) = sys::open_in_root(root, path, libc::O_PATH) {
         return Ok(fd);
     }
     let mut current = sys::open_in_root(root, Path::new("/"), libc::O_PATH | libc::O_DIRECTORY)
         .map_err(err("opening the root for"))?;
-    let components: Vec<_> = path.components().skip_while(|c| c.as_os_str() == "/").collect();
+    let components: Vec<_> = path
+        .components()
+        .skip_while(|c| c.as_os_str() == "/")
+        .collect();
     for (i, component) in components.iter().enumerate() {
         let last = i + 1 == components.len();
         let name = Path::new(component.as_os_str());
@@ -450,13 +508,19 @@ fn ensure_in_root(root: BorrowedFd<'_>, path: &Path, directory: bool) -> Result<
             Err(_) => {
                 let cname = CString::new(name.as_os_str().as_bytes())
                     .map_err(|_| RuntimeError::Child("path contains NUL".into()))?;
-                let parent = sys::open_in_root(current.as_fd(), Path::new("."), libc::O_DIRECTORY | libc::O_RDONLY)
-                    .map_err(err("opening the parent of"))?;
+                let parent = sys::open_in_root(
+                    current.as_fd(),
+                    Path::new("."),
+                    libc::O_DIRECTORY | libc::O_RDONLY,
+                )
+                .map_err(err("opening the parent of"))?;
                 if last && !directory {
                     nix::fcntl::openat(
                         Some(parent.as_raw_fd()),
                         cname.as_c_str(),
-                        nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                        nix::fcntl::OFlag::O_CREAT
+                            | nix::fcntl::OFlag::O_WRONLY
+                            | nix::fcntl::OFlag::O_CLOEXEC,
                         nix::sys::stat::Mode::from_bits_truncate(0o644),
                     )
                     // SAFETY: openat returned a fresh descriptor we now own.
@@ -488,15 +552,36 @@ fn mount_fs(
     data: Option<&str>,
 ) -> Result<(), RuntimeError> {
     let fd = ensure_in_root(root, Path::new(target), true)?;
-    mount(Some(fstype), &fd_path(fd.as_fd()), Some(fstype), flags, data)
-        .map_err(mount_err(format!("mounting {fstype} on {target}")))
+    mount(
+        Some(fstype),
+        &fd_path(fd.as_fd()),
+        Some(fstype),
+        flags,
+        data,
+    )
+    .map_err(mount_err(format!("mounting {fstype} on {target}")))
 }
 
-fn bind(root: BorrowedFd<'_>, source: &Path, target: &str, directory: bool, read_only: bool) -> Result<(), RuntimeError> {
+fn bind(
+    root: BorrowedFd<'_>,
+    source: &Path,
+    target: &str,
+    directory: bool,
+    read_only: bool,
+) -> Result<(), RuntimeError> {
     let fd = ensure_in_root(root, Path::new(target), directory)?;
     let path = fd_path(fd.as_fd());
-    mount(Some(source), &path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(mount_err(format!("binding {} on {target}", source.display())))?;
+    mount(
+        Some(source),
+        &path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(mount_err(format!(
+        "binding {} on {target}",
+        source.display()
+    )))?;
     if read_only {
         remount_read_only(root, target)?;
     }
@@ -527,7 +612,9 @@ fn remount_read_only(root: BorrowedFd<'_>, target: &str) -> Result<(), RuntimeEr
         .map_err(mount_err(format!("remounting {target} read-only")))
 }
 
-const SAFE: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
+const SAFE: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
 
 fn mount_proc(root: BorrowedFd<'_>) -> Result<(), RuntimeError> {
     mount_fs(root, "/proc", "proc", SAFE, None)?;
@@ -557,8 +644,14 @@ fn bind_onto_itself(root: BorrowedFd<'_>, target: &str) -> Result<bool, RuntimeE
         return Ok(false);
     };
     let path = fd_path(fd.as_fd());
-    mount(Some(&path), &path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(mount_err(format!("binding {target} on itself")))?;
+    mount(
+        Some(&path),
+        &path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(mount_err(format!("binding {target} on itself")))?;
     Ok(true)
 }
 
@@ -571,9 +664,21 @@ fn mount_sys(root: BorrowedFd<'_>) -> Result<(), RuntimeError> {
 }
 
 fn mount_dev(root: BorrowedFd<'_>, console_slave: &Path) -> Result<(), RuntimeError> {
-    mount_fs(root, "/dev", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755,size=4m"))?;
+    mount_fs(
+        root,
+        "/dev",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=4m"),
+    )?;
     for node in DEVICE_NODES {
-        bind(root, &Path::new("/dev").join(node), &format!("/dev/{node}"), false, false)?;
+        bind(
+            root,
+            &Path::new("/dev").join(node),
+            &format!("/dev/{node}"),
+            false,
+            false,
+        )?;
     }
     mount_fs(
         root,
@@ -601,7 +706,13 @@ fn mount_dev(root: BorrowedFd<'_>, console_slave: &Path) -> Result<(), RuntimeEr
 }
 
 fn mount_run(root: BorrowedFd<'_>, host_dir: &Path) -> Result<(), RuntimeError> {
-    mount_fs(root, "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mount_fs(
+        root,
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
     bind(root, host_dir, "/run/host", true, true)?;
     // Some guests expect /run/lock; systemd creates the rest itself.
     ensure_in_root(root, Path::new("/run/lock"), true).map(drop)
@@ -645,7 +756,8 @@ fn attach_console() -> Result<(), RuntimeError> {
         .write(true)
         .open("/dev/console")
         .map_err(RuntimeError::io("opening /dev/console"))?;
-    sys::set_controlling_tty(console.as_fd()).map_err(RuntimeError::io("TIOCSCTTY on /dev/console"))?;
+    sys::set_controlling_tty(console.as_fd())
+        .map_err(RuntimeError::io("TIOCSCTTY on /dev/console"))?;
     for target in 0..3 {
         nix::unistd::dup2(console.as_raw_fd(), target).map_err(mount_err("dup2 console".into()))?;
     }
@@ -655,7 +767,10 @@ fn attach_console() -> Result<(), RuntimeError> {
 fn guest_environment(plan: &MachinePlan) -> Result<Vec<CString>, RuntimeError> {
     let id = machine_id(plan);
     let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
         ("container".into(), "rmachines".into()),
         ("container_uuid".into(), uuid_form(&id)),
         ("NOTIFY_SOCKET".into(), "/run/host/notify".into()),
@@ -689,11 +804,26 @@ mod tests {
     #[test]
     fn stop_signal_fits_the_init() {
         let rtmin3 = libc::SIGRTMIN() + 3;
-        assert_eq!(stop_signal(InitKind::Systemd, StopSignal::Auto, true), rtmin3);
-        assert_eq!(stop_signal(InitKind::Busybox, StopSignal::Auto, true), libc::SIGUSR2);
-        assert_eq!(stop_signal(InitKind::Other, StopSignal::Auto, true), libc::SIGTERM);
-        assert_eq!(stop_signal(InitKind::Systemd, StopSignal::Auto, false), libc::SIGTERM);
-        assert_eq!(stop_signal(InitKind::Busybox, StopSignal::Signal(9), true), 9);
+        assert_eq!(
+            stop_signal(InitKind::Systemd, StopSignal::Auto, true),
+            rtmin3
+        );
+        assert_eq!(
+            stop_signal(InitKind::Busybox, StopSignal::Auto, true),
+            libc::SIGUSR2
+        );
+        assert_eq!(
+            stop_signal(InitKind::Other, StopSignal::Auto, true),
+            libc::SIGTERM
+        );
+        assert_eq!(
+            stop_signal(InitKind::Systemd, StopSignal::Auto, false),
+            libc::SIGTERM
+        );
+        assert_eq!(
+            stop_signal(InitKind::Busybox, StopSignal::Signal(9), true),
+            9
+        );
     }
 
     #[test]

@@ -55,7 +55,8 @@ pub enum EnterError {
 }
 
 fn read_guest_file(leader: i32, path: &str) -> Result<String, EnterError> {
-    let root = File::open(format!("/proc/{leader}/root")).map_err(|_| EnterError::NotRunning(leader))?;
+    let root =
+        File::open(format!("/proc/{leader}/root")).map_err(|_| EnterError::NotRunning(leader))?;
     let fd = sys::open_in_root(root.as_fd(), Path::new(path), libc::O_RDONLY)
         .map_err(RuntimeError::io(format!("opening the guest's {path}")))?;
     let mut text = String::new();
@@ -93,7 +94,11 @@ pub fn resolve_user(leader: i32, user: &str) -> Result<GuestUser, EnterError> {
         gid,
         groups,
         home: entry[5].to_owned(),
-        shell: if entry[6].is_empty() { "/bin/sh".into() } else { entry[6].to_owned() },
+        shell: if entry[6].is_empty() {
+            "/bin/sh".into()
+        } else {
+            entry[6].to_owned()
+        },
     })
 }
 
@@ -173,8 +178,10 @@ pub fn main(args: &[String]) -> i32 {
 
 fn enter(spec: &EnterSpec) -> Result<i32, RuntimeError> {
     sys::set_non_dumpable().map_err(RuntimeError::io("PR_SET_DUMPABLE"))?;
-    let pidfd = sys::pidfd_open(spec.leader)
-        .map_err(RuntimeError::io(format!("pidfd_open of the machine's init (pid {})", spec.leader)))?;
+    let pidfd = sys::pidfd_open(spec.leader).map_err(RuntimeError::io(format!(
+        "pidfd_open of the machine's init (pid {})",
+        spec.leader
+    )))?;
     join_cgroup(&spec.cgroup, spec.leader);
     let namespaces = libc::CLONE_NEWUSER
         | libc::CLONE_NEWNS
@@ -183,12 +190,15 @@ fn enter(spec: &EnterSpec) -> Result<i32, RuntimeError> {
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWCGROUP;
-    sys::setns_pidfd(pidfd.as_fd(), namespaces).map_err(RuntimeError::io("setns into the machine"))?;
+    sys::setns_pidfd(pidfd.as_fd(), namespaces)
+        .map_err(RuntimeError::io("setns into the machine"))?;
     drop(pidfd);
     let program = security::seccomp_program()?;
     // SAFETY: this process is single-threaded (a fresh exec of the helper),
     // so the child may run ordinary Rust code before exec.
-    match unsafe { fork() }.map_err(|e| RuntimeError::io("fork into the PID namespace")(e.into()))? {
+    match unsafe { fork() }
+        .map_err(|e| RuntimeError::io("fork into the PID namespace")(e.into()))?
+    {
         ForkResult::Child => {
             let err = exec_as_user(spec, &program);
             eprintln!("rmachined: {err}");
@@ -216,15 +226,22 @@ fn join_cgroup(cgroup: &Path, leader: i32) {
     }
     let leader_cgroup = fs::read_to_string(format!("/proc/{leader}/cgroup"))
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)));
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        });
     if let (Some(rel), Ok(mount)) = (leader_cgroup, super::cgroup::cgroup2_mount()) {
-        let _ = fs::write(mount.join(rel.trim_start_matches('/')).join("cgroup.procs"), &me);
+        let _ = fs::write(
+            mount.join(rel.trim_start_matches('/')).join("cgroup.procs"),
+            &me,
+        );
     }
 }
 
 fn exec_as_user(spec: &EnterSpec, program: &seccompiler::BpfProgram) -> RuntimeError {
     let result = (|| -> Result<std::convert::Infallible, RuntimeError> {
-        let errno = |what: &'static str| move |e: nix::errno::Errno| RuntimeError::io(what)(e.into());
+        let errno =
+            |what: &'static str| move |e: nix::errno::Errno| RuntimeError::io(what)(e.into());
         nix::unistd::setsid().map_err(errno("setsid"))?;
         if spec.controlling_tty {
             sys::set_controlling_tty(stdin()).map_err(RuntimeError::io("TIOCSCTTY"))?;
@@ -232,21 +249,33 @@ fn exec_as_user(spec: &EnterSpec, program: &seccompiler::BpfProgram) -> RuntimeE
         let user = &spec.user;
         let groups: Vec<nix::unistd::Gid> = spec.user.groups.iter().map(|g| (*g).into()).collect();
         nix::unistd::setgroups(&groups).map_err(errno("setgroups"))?;
-        nix::unistd::setresgid(user.gid.into(), user.gid.into(), user.gid.into()).map_err(errno("setresgid"))?;
-        nix::unistd::setresuid(user.uid.into(), user.uid.into(), user.uid.into()).map_err(errno("setresuid"))?;
+        nix::unistd::setresgid(user.gid.into(), user.gid.into(), user.gid.into())
+            .map_err(errno("setresgid"))?;
+        nix::unistd::setresuid(user.uid.into(), user.uid.into(), user.uid.into())
+            .map_err(errno("setresuid"))?;
         if nix::unistd::chdir(Path::new(&user.home)).is_err() {
             nix::unistd::chdir("/").map_err(errno("chdir /"))?;
         }
         security::confine(program)?;
         let login_shell = spec.argv.is_empty();
         let argv: Vec<String> = if login_shell {
-            let base = Path::new(&user.shell).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let base = Path::new(&user.shell)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             vec![format!("-{base}")]
         } else {
             spec.argv.clone()
         };
-        let program_path = if login_shell { user.shell.clone() } else { argv[0].clone() };
-        let to_c = |s: &String| CString::new(s.as_bytes()).map_err(|_| RuntimeError::Child(format!("{s:?} contains a NUL byte")));
+        let program_path = if login_shell {
+            user.shell.clone()
+        } else {
+            argv[0].clone()
+        };
+        let to_c = |s: &String| {
+            CString::new(s.as_bytes())
+                .map_err(|_| RuntimeError::Child(format!("{s:?} contains a NUL byte")))
+        };
         let c_argv = argv.iter().map(to_c).collect::<Result<Vec<_>, _>>()?;
         let c_env = spec.env.iter().map(to_c).collect::<Result<Vec<_>, _>>()?;
         let c_program = to_c(&program_path)?;

@@ -154,7 +154,10 @@ impl Client {
             if left.is_zero() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("no matching status within {timeout:?}; last: {:?}", self.last),
+                    format!(
+                        "no matching status within {timeout:?}; last: {:?}",
+                        self.last
+                    ),
                 ));
             }
             match self.next(left)? {
@@ -183,6 +186,9 @@ mod tests {
     #[test]
     fn commands_are_lowercase_words_on_the_wire() {
         assert_eq!(serde_json::to_string(&Command::Stop).unwrap(), "\"stop\"");
-        assert_eq!(serde_json::from_str::<Command>("\"kill\"").unwrap(), Command::Kill);
+        assert_eq!(
+            serde_json::from_str::<Command>("\"kill\"").unwrap(),
+            Command::Kill
+        );
     }
 }

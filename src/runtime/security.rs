@@ -85,10 +85,12 @@ pub fn seccomp_program() -> Result<BpfProgram, RuntimeError> {
         step: "building the seccomp filter".into(),
         message: err.to_string(),
     })?;
-    filter.try_into().map_err(|err: seccompiler::BackendError| RuntimeError::Setup {
-        step: "compiling the seccomp filter".into(),
-        message: err.to_string(),
-    })
+    filter
+        .try_into()
+        .map_err(|err: seccompiler::BackendError| RuntimeError::Setup {
+            step: "compiling the seccomp filter".into(),
+            message: err.to_string(),
+        })
 }
 
 /// Drops every capability outside [`KEPT_CAPABILITIES`] from the bounding
@@ -135,7 +137,10 @@ mod tests {
         assert!(program.len() > DENIED_SYSCALLS.len());
         let numbers: HashSet<i64> = DENIED_SYSCALLS.iter().map(|(_, nr)| *nr).collect();
         assert_eq!(numbers.len(), DENIED_SYSCALLS.len(), "no call listed twice");
-        assert!(!numbers.contains(&libc::SYS_reboot), "reboot must stay allowed");
+        assert!(
+            !numbers.contains(&libc::SYS_reboot),
+            "reboot must stay allowed"
+        );
     }
 
     #[test]

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixCredentials};
+use nix::sys::socket::{
+    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixCredentials,
+};
 
 use super::container::{self, BootResources, Container, InitKind};
 use super::protocol::{now_usec, Command, MachineState, Status};
@@ -34,6 +36,8 @@ use crate::definition::RestartPolicy;
 const LISTEN_FD: i32 = 3;
 /// How often a stop signal is re-checked until init has a handler for it.
 const STOP_TICK: Duration = Duration::from_millis(50);
+/// How often the stop signal is re-sent to an init that shows no handler.
+const STOP_RESEND: Duration = Duration::from_secs(1);
 /// At most this many restarts (reboots, restart policy) within the window.
 const RESTART_BURST: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(10);
@@ -91,9 +95,10 @@ pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Child, RuntimeError> 
             Ok(())
         });
     }
-    let child = command
-        .spawn()
-        .map_err(RuntimeError::io(format!("starting supervisor {}", helper.display())))?;
+    let child = command.spawn().map_err(RuntimeError::io(format!(
+        "starting supervisor {}",
+        helper.display()
+    )))?;
     drop(listener);
     Ok(child)
 }
@@ -131,7 +136,10 @@ pub fn main(args: &[String]) -> i32 {
     {
         Ok(plan) => plan,
         Err(err) => {
-            eprintln!("rmachined supervisor: cannot read {}: {err}", dir.join(paths::PLAN).display());
+            eprintln!(
+                "rmachined supervisor: cannot read {}: {err}",
+                dir.join(paths::PLAN).display()
+            );
             return 1;
         }
     };
@@ -184,7 +192,13 @@ impl Supervisor {
             .set_nonblocking(true)
             .map_err(RuntimeError::io("control socket"))?;
         let mut mask = SigSet::empty();
-        for sig in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGPIPE] {
+        for sig in [
+            Signal::SIGCHLD,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+            Signal::SIGPIPE,
+        ] {
             mask.add(sig);
         }
         mask.thread_block()
@@ -235,7 +249,8 @@ impl Supervisor {
         tracing::info!(machine = self.plan.name(), state = %state, leader, "state");
         let mut line = serde_json::to_vec(&self.status).unwrap_or_default();
         line.push(b'\n');
-        self.clients.retain_mut(|c| c.stream.write_all(&line).is_ok());
+        self.clients
+            .retain_mut(|c| c.stream.write_all(&line).is_ok());
     }
 
     fn run(&mut self) {
@@ -274,7 +289,8 @@ impl Supervisor {
 
     fn restart_allowed(&mut self) -> bool {
         let now = Instant::now();
-        self.restarts.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        self.restarts
+            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
         self.restarts.push(now);
         self.restarts.len() <= RESTART_BURST
     }
@@ -295,8 +311,13 @@ impl Supervisor {
         let outcome = match spawned {
             Ok(container) => {
                 self.status.boots += 1;
-                let ready_needed = container::waits_for_ready(kind, self.plan.definition.notify_ready);
-                let state = if ready_needed { MachineState::Starting } else { MachineState::Running };
+                let ready_needed =
+                    container::waits_for_ready(kind, self.plan.definition.notify_ready);
+                let state = if ready_needed {
+                    MachineState::Starting
+                } else {
+                    MachineState::Running
+                };
                 self.set_status(state, container.pid as u32, String::new());
                 Ok(self.watch(&container, kind, &console, &notify))
             }
@@ -312,8 +333,18 @@ impl Supervisor {
     }
 
     /// The event loop of one boot; returns when init is gone.
-    fn watch(&mut self, container: &Container, kind: InitKind, console: &Console, notify: &UnixDatagram) -> Outcome {
-        let signal = container::stop_signal(kind, self.plan.definition.stop_signal, self.plan.definition.boot);
+    fn watch(
+        &mut self,
+        container: &Container,
+        kind: InitKind,
+        console: &Console,
+        notify: &UnixDatagram,
+    ) -> Outcome {
+        let signal = container::stop_signal(
+            kind,
+            self.plan.definition.stop_signal,
+            self.plan.definition.boot,
+        );
         let mut stop: Option<StopProgress> = None;
         let mut killed = false;
         let mut buf = vec![0u8; 16384];
@@ -322,23 +353,46 @@ impl Supervisor {
                 stop = Some(StopProgress {
                     deadline: Instant::now() + self.plan.definition.stop_timeout,
                     delivered: false,
+                    last_sent: None,
                 });
                 self.set_status(MachineState::Stopping, container.pid as u32, String::new());
             }
             if let Some(progress) = stop.as_mut() {
-                if !progress.delivered && signal_caught(container.pid, signal) {
+                // An init with a handler gets the signal once. One that only
+                // reads it with sigtimedwait (busybox) cannot be told apart
+                // from one that would drop it, so it gets it again every
+                // RESEND until it reacts: a signal sent too early in boot is
+                // not lost (the hang systemd-nspawn and Incus have).
+                let due = progress
+                    .last_sent
+                    .is_none_or(|t| t.elapsed() >= STOP_RESEND);
+                if !progress.delivered && due {
+                    progress.delivered = signal_caught(container.pid, signal);
                     let _ = sys::pidfd_send_signal(container.pidfd.as_fd(), signal);
-                    progress.delivered = true;
-                    tracing::info!(machine = self.plan.name(), signal, "stop signal delivered");
+                    progress.last_sent = Some(Instant::now());
+                    tracing::info!(
+                        machine = self.plan.name(),
+                        signal,
+                        handled = progress.delivered,
+                        "stop signal sent"
+                    );
                 }
                 if !killed && Instant::now() >= progress.deadline {
-                    tracing::warn!(machine = self.plan.name(), "stop timeout reached, sending SIGKILL");
+                    tracing::warn!(
+                        machine = self.plan.name(),
+                        "stop timeout reached, sending SIGKILL"
+                    );
                     let _ = sys::pidfd_send_signal(container.pidfd.as_fd(), libc::SIGKILL);
                     killed = true;
                 }
             }
-            let timeout = if stop.is_some() { PollTimeout::from(STOP_TICK.as_millis() as u16) } else { PollTimeout::NONE };
-            let client_fds: Vec<BorrowedFd<'_>> = self.clients.iter().map(|c| c.stream.as_fd()).collect();
+            let timeout = if stop.is_some() {
+                PollTimeout::from(STOP_TICK.as_millis() as u16)
+            } else {
+                PollTimeout::NONE
+            };
+            let client_fds: Vec<BorrowedFd<'_>> =
+                self.clients.iter().map(|c| c.stream.as_fd()).collect();
             let mut fds = vec![
                 PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                 PollFd::new(container.pidfd.as_fd(), PollFlags::POLLIN),
@@ -346,7 +400,11 @@ impl Supervisor {
                 PollFd::new(notify.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
             ];
-            fds.extend(client_fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
+            fds.extend(
+                client_fds
+                    .iter()
+                    .map(|fd| PollFd::new(*fd, PollFlags::POLLIN)),
+            );
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(err) => {
@@ -399,7 +457,9 @@ impl Supervisor {
             ExitStatus::Exited(code) => Outcome::Failed(format!("init exited with status {code}")),
             ExitStatus::Signaled(sig) => Outcome::Failed(format!(
                 "init was killed by signal {}",
-                Signal::try_from(sig).map(|s| s.as_str().to_owned()).unwrap_or_else(|_| sig.to_string())
+                Signal::try_from(sig)
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_else(|_| sig.to_string())
             )),
         }
     }
@@ -429,7 +489,12 @@ impl Supervisor {
         loop {
             let mut iov = [IoSliceMut::new(buf)];
             let mut space = nix::cmsg_space!(UnixCredentials, [i32; 16]);
-            let Ok(msg) = recvmsg::<()>(notify.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC) else {
+            let Ok(msg) = recvmsg::<()>(
+                notify.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+            ) else {
                 return;
             };
             let mut sender = 0;
@@ -472,7 +537,10 @@ impl Supervisor {
             let _ = stream.set_nonblocking(true);
             let mut line = serde_json::to_vec(&self.status).unwrap_or_default();
             line.push(b'\n');
-            let mut client = Client { stream, buffer: Vec::new() };
+            let mut client = Client {
+                stream,
+                buffer: Vec::new(),
+            };
             if client.stream.write_all(&line).is_ok() {
                 self.clients.push(client);
             }
@@ -523,7 +591,9 @@ fn iov_bytes(buf: &[u8], len: usize) -> Vec<u8> {
 
 struct StopProgress {
     deadline: Instant,
+    /// Init has a handler for the signal and was sent it.
     delivered: bool,
+    last_sent: Option<Instant>,
 }
 
 /// Whether process `pid` would receive `signal`: it has a handler for it
@@ -537,50 +607,68 @@ fn signal_caught(pid: libc::pid_t, signal: libc::c_int) -> bool {
     let bit = 1u64 << (signal - 1);
     status
         .lines()
-        .filter_map(|l| l.strip_prefix("SigCgt:").or_else(|| l.strip_prefix("SigBlk:")))
+        .filter_map(|l| {
+            l.strip_prefix("SigCgt:")
+                .or_else(|| l.strip_prefix("SigBlk:"))
+        })
         .filter_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .any(|mask| mask & bit != 0)
 }
 
 fn prepare_host_dir(plan: &MachinePlan, host_dir: &Path) -> Result<(), RuntimeError> {
-    fs::create_dir_all(host_dir).map_err(RuntimeError::io(format!("creating {}", host_dir.display())))?;
+    fs::create_dir_all(host_dir)
+        .map_err(RuntimeError::io(format!("creating {}", host_dir.display())))?;
     fs::set_permissions(host_dir, fs::Permissions::from_mode(0o755))
         .map_err(RuntimeError::io("chmod host dir"))?;
     let os_release = ["/etc/os-release", "/usr/lib/os-release"]
         .iter()
         .find_map(|p| fs::read(p).ok())
         .unwrap_or_default();
-    fs::write(host_dir.join("os-release"), os_release).map_err(RuntimeError::io("writing os-release"))?;
+    fs::write(host_dir.join("os-release"), os_release)
+        .map_err(RuntimeError::io("writing os-release"))?;
     let id = container::machine_id(plan);
-    fs::write(host_dir.join("machine-id"), format!("{id}\n")).map_err(RuntimeError::io("writing machine-id"))?;
+    fs::write(host_dir.join("machine-id"), format!("{id}\n"))
+        .map_err(RuntimeError::io("writing machine-id"))?;
     Ok(())
 }
 
 fn bind_notify_socket(path: &Path) -> Result<UnixDatagram, RuntimeError> {
     let _ = fs::remove_file(path);
-    let sock = UnixDatagram::bind(path).map_err(RuntimeError::io(format!("binding {}", path.display())))?;
+    let sock = UnixDatagram::bind(path)
+        .map_err(RuntimeError::io(format!("binding {}", path.display())))?;
     // The guest's root is an unprivileged host uid: it must be able to send.
-    fs::set_permissions(path, fs::Permissions::from_mode(0o777)).map_err(RuntimeError::io("chmod notify socket"))?;
-    setsockopt(&sock, sockopt::PassCred, &true).map_err(|e| RuntimeError::io("SO_PASSCRED")(e.into()))?;
-    sock.set_nonblocking(true).map_err(RuntimeError::io("notify socket"))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o777))
+        .map_err(RuntimeError::io("chmod notify socket"))?;
+    setsockopt(&sock, sockopt::PassCred, &true)
+        .map_err(|e| RuntimeError::io("SO_PASSCRED")(e.into()))?;
+    sock.set_nonblocking(true)
+        .map_err(RuntimeError::io("notify socket"))?;
     Ok(sock)
 }
 
 fn open_console(guest_root: u32) -> Result<Console, RuntimeError> {
     use nix::fcntl::OFlag;
-    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
-        .map_err(|e| RuntimeError::io("opening /dev/ptmx for the console")(e.into()))?;
+    let master = nix::pty::posix_openpt(
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+    )
+    .map_err(|e| RuntimeError::io("opening /dev/ptmx for the console")(e.into()))?;
     nix::pty::grantpt(&master).map_err(|e| RuntimeError::io("grantpt")(e.into()))?;
     nix::pty::unlockpt(&master).map_err(|e| RuntimeError::io("unlockpt")(e.into()))?;
     let slave_path = PathBuf::from(
         nix::pty::ptsname_r(&master).map_err(|e| RuntimeError::io("ptsname")(e.into()))?,
     );
     // SAFETY: PtyMaster owns a plain descriptor; we take it over.
-    let master: OwnedFd = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(master)) };
-    let slave = sys::open_pty_peer(master.as_fd()).map_err(RuntimeError::io("opening the console's slave"))?;
+    let master: OwnedFd =
+        unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(master)) };
+    let slave = sys::open_pty_peer(master.as_fd())
+        .map_err(RuntimeError::io("opening the console's slave"))?;
     // The guest's root owns its console, as on a real machine (tty group 5).
-    nix::unistd::fchown(slave.as_raw_fd(), Some(guest_root.into()), Some((guest_root + 5).into()))
-        .map_err(|e| RuntimeError::io("chown console")(e.into()))?;
+    nix::unistd::fchown(
+        slave.as_raw_fd(),
+        Some(guest_root.into()),
+        Some((guest_root + 5).into()),
+    )
+    .map_err(|e| RuntimeError::io("chown console")(e.into()))?;
     Ok(Console {
         master,
         _slave: slave,

@@ -28,10 +28,15 @@ pub fn fixture(kind: &str) -> PathBuf {
         return dest;
     }
     std::fs::create_dir_all(FIXTURES).expect("fixture dir");
-    let lock = std::fs::File::create(Path::new(FIXTURES).join(format!(".{kind}.lock"))).expect("lock");
+    let lock =
+        std::fs::File::create(Path::new(FIXTURES).join(format!(".{kind}.lock"))).expect("lock");
     let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("flock");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-rootfs.sh");
-    let status = Command::new(script).arg(kind).arg(&dest).status().expect("run make-rootfs.sh");
+    let status = Command::new(script)
+        .arg(kind)
+        .arg(&dest)
+        .status()
+        .expect("run make-rootfs.sh");
     assert!(status.success(), "building the {kind} fixture failed");
     dest
 }
@@ -57,7 +62,10 @@ pub fn definition(name: &str, root: &Path) -> Definition {
         notify_ready: NotifyReady::Auto,
         read_only: false,
         ephemeral: false,
-        users: Users { base: UidBase::Pick, size: 65536 },
+        users: Users {
+            base: UidBase::Pick,
+            size: 65536,
+        },
         network: Network {
             mode: NetworkMode::None,
             address: AddressSpec::Auto,
@@ -80,14 +88,22 @@ pub struct TestMachine {
 
 /// A host uid range per test machine name, far from anything real.
 fn test_ids(name: &str) -> IdRange {
-    let hash = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    IdRange { base: 0x4000_0000 + ((hash % 4096) as u32) * 65536, size: 65536 }
+    let hash = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    IdRange {
+        base: 0x4000_0000 + ((hash % 4096) as u32) * 65536,
+        size: 65536,
+    }
 }
 
 impl TestMachine {
     pub fn launch(def: Definition) -> TestMachine {
         require_root();
-        let state_dir = tempfile::Builder::new().prefix("rmachines-test-").tempdir().expect("tempdir");
+        let state_dir = tempfile::Builder::new()
+            .prefix("rmachines-test-")
+            .tempdir()
+            .expect("tempdir");
         let name = def.name.clone();
         let plan = MachinePlan {
             ids: test_ids(&name),
@@ -95,9 +111,16 @@ impl TestMachine {
             cgroup: runtime::cgroup::machine_cgroup_path(&format!("test-{name}")).expect("cgroup2"),
             definition: def,
         };
-        let supervisor = runtime::supervisor::launch(helper_binary(), &plan).expect("launch supervisor");
-        let client = Client::connect(&plan.machine_dir.join(paths::CONTROL)).expect("connect control");
-        TestMachine { plan, supervisor, client, state_dir }
+        let supervisor =
+            runtime::supervisor::launch(helper_binary(), &plan).expect("launch supervisor");
+        let client =
+            Client::connect(&plan.machine_dir.join(paths::CONTROL)).expect("connect control");
+        TestMachine {
+            plan,
+            supervisor,
+            client,
+            state_dir,
+        }
     }
 
     pub fn wait_state(&mut self, state: MachineState, timeout: Duration) -> Status {
@@ -107,7 +130,8 @@ impl TestMachine {
                 "machine {} never reached {state}: {other:?}\nconsole:\n{}\nsupervisor log:\n{}",
                 self.plan.name(),
                 self.console(),
-                std::fs::read_to_string(self.plan.machine_dir.join(paths::SUPERVISOR_LOG)).unwrap_or_default()
+                std::fs::read_to_string(self.plan.machine_dir.join(paths::SUPERVISOR_LOG))
+                    .unwrap_or_default()
             ),
         }
     }
@@ -118,7 +142,10 @@ impl TestMachine {
             match self.client.next(timeout) {
                 Ok(Some(_)) => continue,
                 Ok(None) => break,
-                Err(err) => panic!("waiting for the supervisor to end: {err}; last {:?}", self.client.last),
+                Err(err) => panic!(
+                    "waiting for the supervisor to end: {err}; last {:?}",
+                    self.client.last
+                ),
             }
         }
         let _ = self.supervisor.wait();
@@ -149,7 +176,12 @@ impl TestMachine {
     /// Enters and returns stdout, asserting success.
     pub fn sh(&self, script: &str) -> String {
         let out = self.enter("", &["/bin/sh", "-c", script]);
-        assert!(out.status.success(), "{script:?} failed: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{script:?} failed: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -164,16 +196,31 @@ impl Drop for TestMachine {
 
 /// Everything a machine might leave on the host, for "nothing left behind".
 pub fn assert_nothing_left(machine: &TestMachine) {
-    assert!(!machine.plan.cgroup.exists(), "cgroup {} left behind", machine.plan.cgroup.display());
+    assert!(
+        !machine.plan.cgroup.exists(),
+        "cgroup {} left behind",
+        machine.plan.cgroup.display()
+    );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let dir = machine.plan.machine_dir.to_string_lossy().into_owned();
     assert!(!mounts.contains(&dir), "mounts under {dir} left behind");
-    assert!(!machine.plan.machine_dir.join(paths::HOST_DIR).exists(), "host dir left behind");
-    assert!(!machine.plan.machine_dir.join(paths::CONTROL).exists(), "control socket left behind");
-    let pids = std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok());
+    assert!(
+        !machine.plan.machine_dir.join(paths::HOST_DIR).exists(),
+        "host dir left behind"
+    );
+    assert!(
+        !machine.plan.machine_dir.join(paths::CONTROL).exists(),
+        "control socket left behind"
+    );
+    let pids = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok());
     for pid in pids {
         if let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
-            assert!(!cg.contains(&format!("/rmachines/test-{}", machine.plan.name())), "process {pid} left in the machine's cgroup");
+            assert!(
+                !cg.contains(&format!("/rmachines/test-{}", machine.plan.name())),
+                "process {pid} left in the machine's cgroup"
+            );
         }
     }
 }
