@@ -281,7 +281,7 @@ fn idmapped_tree(
 fn fs_type_name(path: &Path) -> String {
     match nix::sys::statfs::statfs(path) {
         Ok(st) => {
-            let magic = st.filesystem_type().0 as i64;
+            let magic = st.filesystem_type().0;
             let name = match magic {
                 0xEF53 => "ext4",
                 0x5846_5342 => "xfs",
