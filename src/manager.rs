@@ -2,11 +2,21 @@
 //! and stops machines through their supervisor processes, and tells listeners
 //! what changed. It knows nothing of D-Bus.
 
+use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::definition::{load_dir, validate_name, Definition};
+use crate::runtime::idrange::{self, HostIdFiles};
+use crate::runtime::protocol::{now_usec, Command, Status};
+use crate::runtime::{self, cgroup, enter, paths, supervisor, MachinePlan};
 
 pub use crate::runtime::protocol::MachineState;
 
@@ -81,43 +91,346 @@ pub enum ManagerError {
     #[error("machine {name:?}: {message}")]
     Failed { name: String, message: String },
     #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
     Io(String),
 }
 
 /// The manager handle; cheap to clone, shared by every D-Bus object.
 #[derive(Clone)]
 pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ManagerConfig,
+    /// The `rmachined` binary, re-executed for supervisors and shells.
+    helper: PathBuf,
+    machines: Mutex<BTreeMap<String, Entry>>,
     events: broadcast::Sender<Event>,
+    next_session: AtomicU32,
+}
+
+struct Entry {
+    info: MachineInfo,
+    definition: Result<Definition, String>,
+    /// Present while a supervisor runs: commands to it, its statuses.
+    supervisor: Option<SupervisorLink>,
+    /// The plan the running machine was started with.
+    plan: Option<MachinePlan>,
+}
+
+#[derive(Clone)]
+struct SupervisorLink {
+    commands: mpsc::UnboundedSender<Command>,
+    status: watch::Receiver<Option<Status>>,
+}
+
+fn info_from(name: &str, file: &Path, definition: &Result<Definition, String>) -> MachineInfo {
+    let (root, autostart, error, state) = match definition {
+        Ok(def) => (def.root.display().to_string(), def.autostart, String::new(), MachineState::Stopped),
+        Err(err) => (String::new(), false, err.clone(), MachineState::Failed),
+    };
+    MachineInfo {
+        name: name.to_owned(),
+        state,
+        leader: 0,
+        root,
+        definition: file.display().to_string(),
+        addresses: Vec::new(),
+        autostart,
+        since: now_usec(),
+        error,
+    }
+}
+
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
+    move |err| ManagerError::Io(format!("{what}: {err}"))
 }
 
 impl Manager {
     /// Loads every definition and re-adopts machines whose supervisors still run.
-    pub async fn new(_config: ManagerConfig) -> Result<Self, ManagerError> {
-        let (events, _) = broadcast::channel(1024);
-        Ok(Manager { events })
+    pub async fn new(config: ManagerConfig) -> Result<Self, ManagerError> {
+        let helper = std::env::current_exe().map_err(io_err("finding the rmachined binary"))?;
+        Self::with_helper(config, helper).await
+    }
+
+    /// Like [`Manager::new`] with an explicit `rmachined` binary (for tests).
+    pub async fn with_helper(config: ManagerConfig, helper: PathBuf) -> Result<Self, ManagerError> {
+        for dir in [&config.state_dir, &config.storage_dir] {
+            std::fs::create_dir_all(dir).map_err(io_err(&format!("creating {}", dir.display())))?;
+        }
+        let (events, _) = broadcast::channel(4096);
+        let manager = Manager {
+            inner: Arc::new(Inner {
+                config,
+                helper,
+                machines: Mutex::new(BTreeMap::new()),
+                events,
+                next_session: AtomicU32::new(1),
+            }),
+        };
+        manager.reload().await?;
+        let names: Vec<String> = manager.lock().keys().cloned().collect();
+        for name in names {
+            manager.adopt(&name).await;
+        }
+        Ok(manager)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        // A panic while holding the lock leaves plain data behind; go on.
+        self.inner.machines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.inner.events.send(event);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        self.inner.events.subscribe()
     }
 
     /// Every defined machine, sorted by name.
     pub fn list(&self) -> Vec<MachineInfo> {
-        Vec::new()
+        self.lock().values().map(|e| e.info.clone()).collect()
     }
 
     pub fn get(&self, name: &str) -> Result<MachineInfo, ManagerError> {
-        Err(ManagerError::NoSuchMachine(name.to_owned()))
+        check_name(name)?;
+        self.lock()
+            .get(name)
+            .map(|e| e.info.clone())
+            .ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))
+    }
+
+    /// Connects to a supervisor left by an earlier daemon, if one runs.
+    async fn adopt(&self, name: &str) {
+        let dir = runtime::machine_dir(&self.inner.config.state_dir, name);
+        let Ok(stream) = UnixStream::connect(dir.join(paths::CONTROL)).await else {
+            return;
+        };
+        let plan = std::fs::read(dir.join(paths::PLAN))
+            .ok()
+            .and_then(|d| serde_json::from_slice::<MachinePlan>(&d).ok());
+        tracing::info!(machine = name, "re-adopting a running machine");
+        let link = self.follow(name, stream);
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.supervisor = Some(link);
+            entry.plan = plan;
+        }
+    }
+
+    /// Starts a task that reads the supervisor's statuses into the entry.
+    fn follow(&self, name: &str, stream: UnixStream) -> SupervisorLink {
+        let (commands, mut command_rx) = mpsc::unbounded_channel::<Command>();
+        let (status_tx, status) = watch::channel(None);
+        let manager = self.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            loop {
+                tokio::select! {
+                    line = lines.next_line() => match line {
+                        Ok(Some(line)) => match serde_json::from_str::<Status>(&line) {
+                            Ok(st) => {
+                                manager.apply_status(&name, &st);
+                                let _ = status_tx.send(Some(st));
+                            }
+                            Err(err) => tracing::warn!(machine = %name, %err, "bad status from supervisor"),
+                        },
+                        _ => break,
+                    },
+                    Some(command) = command_rx.recv() => {
+                        let mut line = serde_json::to_string(&command).unwrap_or_default();
+                        line.push('\n');
+                        if write.write_all(line.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // The supervisor is gone: its last word is in state.json.
+            let dir = runtime::machine_dir(&manager.inner.config.state_dir, &name);
+            let mut last = supervisor::read_state(&dir).unwrap_or(Status {
+                state: MachineState::Failed,
+                leader: 0,
+                supervisor: 0,
+                since: now_usec(),
+                error: "the supervisor exited without a final state".into(),
+                boots: 0,
+            });
+            if last.state.is_active() {
+                last.state = MachineState::Failed;
+                last.error = format!("the supervisor died unexpectedly; see {}", dir.join(paths::SUPERVISOR_LOG).display());
+            }
+            last.leader = 0;
+            if let Some(entry) = manager.lock().get_mut(&name) {
+                entry.supervisor = None;
+                entry.plan = None;
+            }
+            manager.apply_status(&name, &last);
+            let _ = status_tx.send(Some(last));
+            manager.forget_if_undefined(&name);
+        });
+        SupervisorLink { commands, status }
+    }
+
+    fn apply_status(&self, name: &str, status: &Status) {
+        let event = {
+            let mut machines = self.lock();
+            let Some(entry) = machines.get_mut(name) else { return };
+            let info = &mut entry.info;
+            let changed_state = info.state != status.state;
+            let changed_other = info.leader != status.leader || info.error != status.error;
+            info.state = status.state;
+            info.leader = status.leader;
+            if status.state != MachineState::Stopped || info.error.is_empty() || changed_state {
+                info.error = status.error.clone();
+            }
+            if changed_state {
+                info.since = status.since;
+                Some(Event::StateChanged { name: name.to_owned(), state: status.state })
+            } else if changed_other {
+                Some(Event::InfoChanged { name: name.to_owned() })
+            } else {
+                None
+            }
+        };
+        if let Some(event) = event {
+            self.emit(event);
+        }
+    }
+
+    fn set_state(&self, name: &str, state: MachineState, error: String) {
+        let changed = {
+            let mut machines = self.lock();
+            let Some(entry) = machines.get_mut(name) else { return };
+            let changed = entry.info.state != state || entry.info.error != error;
+            if entry.info.state != state {
+                entry.info.since = now_usec();
+            }
+            entry.info.state = state;
+            entry.info.error = error;
+            changed
+        };
+        if changed {
+            self.emit(Event::StateChanged { name: name.to_owned(), state });
+        }
     }
 
     /// Returns once init is executing; the state then goes on to `running`.
     pub async fn start(&self, name: &str) -> Result<(), ManagerError> {
-        Err(ManagerError::NoSuchMachine(name.to_owned()))
+        check_name(name)?;
+        let definition = {
+            let mut machines = self.lock();
+            let entry = machines
+                .get_mut(name)
+                .ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))?;
+            let definition = entry.definition.clone().map_err(|error| ManagerError::InvalidDefinition {
+                name: name.to_owned(),
+                error,
+            })?;
+            if entry.supervisor.is_some() || entry.info.state.is_active() {
+                return Err(ManagerError::AlreadyRunning(name.to_owned()));
+            }
+            entry.info.state = MachineState::Starting;
+            entry.info.since = now_usec();
+            entry.info.error.clear();
+            definition
+        };
+        self.emit(Event::StateChanged { name: name.to_owned(), state: MachineState::Starting });
+        match self.launch(name, definition).await {
+            Ok(mut status) => {
+                // Wait until init executes (leader known) or the boot failed.
+                loop {
+                    let current = status.borrow_and_update().clone();
+                    if let Some(st) = current {
+                        if st.leader != 0 || st.state == MachineState::Running {
+                            return Ok(());
+                        }
+                        if !st.state.is_active() {
+                            return Err(ManagerError::Failed {
+                                name: name.to_owned(),
+                                message: if st.error.is_empty() { format!("machine ended while starting ({})", st.state) } else { st.error },
+                            });
+                        }
+                    }
+                    if status.changed().await.is_err() {
+                        return Err(ManagerError::Failed { name: name.to_owned(), message: "the supervisor went away".into() });
+                    }
+                }
+            }
+            Err(err) => {
+                self.set_state(name, MachineState::Failed, err.to_string());
+                Err(err)
+            }
+        }
+    }
+
+    async fn launch(&self, name: &str, definition: Definition) -> Result<watch::Receiver<Option<Status>>, ManagerError> {
+        let config = self.inner.config.clone();
+        let helper = self.inner.helper.clone();
+        let owned_name = name.to_owned();
+        let failed = |message: String| ManagerError::Failed { name: name.to_owned(), message };
+        let plan = tokio::task::spawn_blocking(move || -> Result<MachinePlan, String> {
+            let ids = idrange::assign_range(&config.storage_dir, &owned_name, &definition.users, &HostIdFiles::default())
+                .map_err(|e| e.to_string())?;
+            let plan = MachinePlan {
+                ids,
+                machine_dir: runtime::machine_dir(&config.state_dir, &owned_name),
+                cgroup: cgroup::machine_cgroup_path(&owned_name).map_err(|e| e.to_string())?,
+                definition,
+            };
+            // A machine root without init fails here with a clear sentence.
+            runtime::container::inspect_init(&plan).map_err(|e| e.to_string())?;
+            let mut child = supervisor::launch(&helper, &plan).map_err(|e| e.to_string())?;
+            let _ = child.wait();
+            Ok(plan)
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(failed)?;
+        let stream = UnixStream::connect(plan.machine_dir.join(paths::CONTROL))
+            .await
+            .map_err(|e| failed(format!("connecting to the supervisor: {e}")))?;
+        let link = self.follow(name, stream);
+        let status = link.status.clone();
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.supervisor = Some(link);
+            entry.plan = Some(plan);
+        }
+        Ok(status)
     }
 
     /// Graceful stop, SIGKILL after the stop timeout; returns once stopped.
     pub async fn stop(&self, name: &str) -> Result<(), ManagerError> {
-        Err(ManagerError::NoSuchMachine(name.to_owned()))
+        check_name(name)?;
+        let link = {
+            let machines = self.lock();
+            let entry = machines.get(name).ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))?;
+            entry.supervisor.clone().ok_or_else(|| ManagerError::NotRunning(name.to_owned()))?
+        };
+        let mut status = link.status;
+        let _ = link.commands.send(Command::Stop);
+        loop {
+            let done = status
+                .borrow_and_update()
+                .as_ref()
+                .is_some_and(|st| !st.state.is_active());
+            if done {
+                break;
+            }
+            if status.changed().await.is_err() {
+                break;
+            }
+        }
+        // The follower clears the link after the supervisor's exit.
+        while self.lock().get(name).is_some_and(|e| e.supervisor.is_some()) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        Ok(())
     }
 
     /// Starts `command` (empty: the user's login shell) as `user` (empty: root)
@@ -125,26 +438,198 @@ impl Manager {
     pub async fn shell(
         &self,
         name: &str,
-        _user: &str,
-        _command: Vec<String>,
-        _environment: Vec<String>,
+        user: &str,
+        command: Vec<String>,
+        environment: Vec<String>,
     ) -> Result<ShellSession, ManagerError> {
-        Err(ManagerError::NoSuchMachine(name.to_owned()))
+        check_name(name)?;
+        if let Some(bad) = environment.iter().find(|e| !e.contains('=') || e.starts_with('=')) {
+            return Err(ManagerError::InvalidArgument(format!("environment entry {bad:?} is not of the form KEY=VALUE")));
+        }
+        let (plan, leader) = {
+            let machines = self.lock();
+            let entry = machines.get(name).ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))?;
+            match (&entry.plan, entry.info.leader) {
+                (Some(plan), leader) if leader != 0 && entry.info.state.is_active() => (plan.clone(), leader),
+                _ => return Err(ManagerError::NotRunning(name.to_owned())),
+            }
+        };
+        let guest_user = enter::resolve_user(leader as i32, user).map_err(|err| match err {
+            enter::EnterError::NoSuchUser(user) => ManagerError::NoSuchUser { machine: name.to_owned(), user },
+            enter::EnterError::NotRunning(_) => ManagerError::NotRunning(name.to_owned()),
+            other => ManagerError::Failed { name: name.to_owned(), message: other.to_string() },
+        })?;
+        let failed = |message: String| ManagerError::Failed { name: name.to_owned(), message };
+        let (master, slave) = enter::open_guest_pty(leader as i32, plan.ids.base + guest_user.uid, plan.ids.base + 5)
+            .map_err(|e| failed(e.to_string()))?;
+        let term = environment
+            .iter()
+            .find_map(|e| e.strip_prefix("TERM="))
+            .unwrap_or("xterm-256color")
+            .to_owned();
+        let spec = enter::EnterSpec {
+            leader: leader as i32,
+            cgroup: plan.cgroup.clone(),
+            env: enter::environment(&guest_user, &term, &environment),
+            argv: command,
+            user: guest_user,
+            controlling_tty: true,
+        };
+        let mut std_command = enter::spec_command(&self.inner.helper, &spec);
+        let stdio = |fd: &OwnedFd| fd.try_clone().map(std::process::Stdio::from);
+        std_command
+            .stdin(stdio(&slave).map_err(|e| failed(e.to_string()))?)
+            .stdout(stdio(&slave).map_err(|e| failed(e.to_string()))?)
+            .stderr(stdio(&slave).map_err(|e| failed(e.to_string()))?);
+        let mut child = tokio::process::Command::from(std_command)
+            .spawn()
+            .map_err(|e| failed(format!("starting the shell: {e}")))?;
+        drop(slave);
+        let session = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(st) => st.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)),
+                Err(_) => 255,
+            };
+            manager.emit(Event::ShellExited { session, status });
+        });
+        Ok(ShellSession { pty_master: master, session })
     }
 
     /// Re-reads the definitions; running machines are not disturbed.
     pub async fn reload(&self) -> Result<ReloadSummary, ManagerError> {
-        Ok(ReloadSummary::default())
+        let dir = self.inner.config.config_dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_dir(&dir))
+            .await
+            .map_err(|e| ManagerError::Io(e.to_string()))?;
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(err) => return Err(ManagerError::Io(format!("reading {}: {err}", self.inner.config.config_dir.display()))),
+        };
+        let mut summary = ReloadSummary::default();
+        let mut events = Vec::new();
+        {
+            let mut machines = self.lock();
+            let mut seen = std::collections::BTreeSet::new();
+            for item in loaded {
+                seen.insert(item.name.clone());
+                let definition = item.result.map_err(|e| e.to_string());
+                let fresh = info_from(&item.name, &item.file, &definition);
+                match machines.get_mut(&item.name) {
+                    Some(entry) => {
+                        let info = &mut entry.info;
+                        let before = info.clone();
+                        info.root = fresh.root;
+                        info.autostart = fresh.autostart;
+                        info.definition = fresh.definition;
+                        if entry.supervisor.is_none() {
+                            match (&entry.definition, &definition) {
+                                // Newly broken: shown as failed with why.
+                                (_, Err(_)) => {
+                                    info.state = MachineState::Failed;
+                                    info.error = fresh.error;
+                                }
+                                // Repaired: back to stopped.
+                                (Err(_), Ok(_)) => {
+                                    info.state = MachineState::Stopped;
+                                    info.error.clear();
+                                }
+                                (Ok(_), Ok(_)) => {}
+                            }
+                        }
+                        if before.state != info.state {
+                            events.push(Event::StateChanged { name: item.name.clone(), state: info.state });
+                        } else if *info != before {
+                            events.push(Event::InfoChanged { name: item.name.clone() });
+                        }
+                        entry.definition = definition;
+                    }
+                    None => {
+                        summary.added.push(item.name.clone());
+                        events.push(Event::MachineAdded { name: item.name.clone() });
+                        machines.insert(item.name.clone(), Entry { info: fresh, definition, supervisor: None, plan: None });
+                    }
+                }
+            }
+            let gone: Vec<String> = machines.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+            for name in gone {
+                let Some(entry) = machines.get_mut(&name) else { continue };
+                if entry.supervisor.is_some() {
+                    // Keeps running; forgotten when it stops.
+                    entry.definition = Err("the definition file was removed".into());
+                    continue;
+                }
+                machines.remove(&name);
+                summary.removed.push(name.clone());
+                events.push(Event::MachineRemoved { name });
+            }
+        }
+        for event in events {
+            self.emit(event);
+        }
+        Ok(summary)
+    }
+
+    fn forget_if_undefined(&self, name: &str) {
+        let removed = {
+            let mut machines = self.lock();
+            let file = machines.get(name).map(|e| PathBuf::from(&e.info.definition));
+            match file {
+                Some(file) if !file.exists() => machines.remove(name).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            self.emit(Event::MachineRemoved { name: name.to_owned() });
+        }
     }
 
     /// Starts every machine with `autostart = true`, without waiting for them.
-    pub fn autostart(&self) {}
+    pub fn autostart(&self) {
+        let names: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|e| e.info.autostart && e.definition.is_ok() && e.supervisor.is_none())
+            .map(|e| e.info.name.clone())
+            .collect();
+        for name in names {
+            let manager = self.clone();
+            tokio::spawn(async move {
+                if let Err(err) = manager.start(&name).await {
+                    tracing::error!(machine = %name, %err, "autostart failed");
+                }
+            });
+        }
+    }
 
     /// Stops every running machine in parallel.
-    pub async fn shutdown(&self) {}
+    pub async fn shutdown(&self) {
+        let names: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|e| e.supervisor.is_some())
+            .map(|e| e.info.name.clone())
+            .collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in names {
+            let manager = self.clone();
+            tasks.spawn(async move {
+                if let Err(err) = manager.stop(&name).await {
+                    tracing::warn!(machine = %name, %err, "stop at shutdown failed");
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
 
     /// How many machines are running (for the daemon's status line).
     pub fn running_count(&self) -> usize {
-        0
+        self.lock().values().filter(|e| e.info.state == MachineState::Running).count()
     }
+}
+
+fn check_name(name: &str) -> Result<(), ManagerError> {
+    validate_name(name).map_err(|err| ManagerError::InvalidName(err.to_string()))
 }

@@ -43,8 +43,8 @@ const RESTART_BURST: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(10);
 
 /// Writes the plan, binds the control socket and starts
-/// `helper __supervise <machine-dir>` in a session of its own. The caller
-/// reaps the returned child (it may also outlive the caller).
+/// `helper __supervise <machine-dir>` in a session of its own. The returned
+/// child exits at once (the supervisor forks away from it); reap it.
 pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Child, RuntimeError> {
     let dir = &plan.machine_dir;
     fs::create_dir_all(dir).map_err(RuntimeError::io(format!("creating {}", dir.display())))?;
@@ -143,6 +143,18 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
     };
+    // Detach: the launcher's child exits at once, so the daemon never has
+    // to reap (or keep a thread waiting for) a supervisor, and the real
+    // supervisor is nobody's child but init's (or a subreaper's).
+    // SAFETY: still single-threaded here (no thread was started yet).
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Parent { .. }) => return 0,
+        Ok(nix::unistd::ForkResult::Child) => {}
+        Err(err) => {
+            eprintln!("rmachined supervisor: fork: {err}");
+            return 1;
+        }
+    }
     // SAFETY: fd 3 was handed to us by `launch` as the listening socket.
     let listener = unsafe { UnixListener::from_raw_fd(LISTEN_FD) };
     let mut supervisor = match Supervisor::new(plan, listener) {
