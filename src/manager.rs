@@ -128,7 +128,12 @@ struct SupervisorLink {
 
 fn info_from(name: &str, file: &Path, definition: &Result<Definition, String>) -> MachineInfo {
     let (root, autostart, error, state) = match definition {
-        Ok(def) => (def.root.display().to_string(), def.autostart, String::new(), MachineState::Stopped),
+        Ok(def) => (
+            def.root.display().to_string(),
+            def.autostart,
+            String::new(),
+            MachineState::Stopped,
+        ),
         Err(err) => (String::new(), false, err.clone(), MachineState::Failed),
     };
     MachineInfo {
@@ -180,7 +185,10 @@ impl Manager {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
         // A panic while holding the lock leaves plain data behind; go on.
-        self.inner.machines.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .machines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn emit(&self, event: Event) {
@@ -263,7 +271,10 @@ impl Manager {
             });
             if last.state.is_active() {
                 last.state = MachineState::Failed;
-                last.error = format!("the supervisor died unexpectedly; see {}", dir.join(paths::SUPERVISOR_LOG).display());
+                last.error = format!(
+                    "the supervisor died unexpectedly; see {}",
+                    dir.join(paths::SUPERVISOR_LOG).display()
+                );
             }
             last.leader = 0;
             if let Some(entry) = manager.lock().get_mut(&name) {
@@ -280,7 +291,9 @@ impl Manager {
     fn apply_status(&self, name: &str, status: &Status) {
         let event = {
             let mut machines = self.lock();
-            let Some(entry) = machines.get_mut(name) else { return };
+            let Some(entry) = machines.get_mut(name) else {
+                return;
+            };
             let info = &mut entry.info;
             let changed_state = info.state != status.state;
             let changed_other = info.leader != status.leader || info.error != status.error;
@@ -291,9 +304,14 @@ impl Manager {
             }
             if changed_state {
                 info.since = status.since;
-                Some(Event::StateChanged { name: name.to_owned(), state: status.state })
+                Some(Event::StateChanged {
+                    name: name.to_owned(),
+                    state: status.state,
+                })
             } else if changed_other {
-                Some(Event::InfoChanged { name: name.to_owned() })
+                Some(Event::InfoChanged {
+                    name: name.to_owned(),
+                })
             } else {
                 None
             }
@@ -306,7 +324,9 @@ impl Manager {
     fn set_state(&self, name: &str, state: MachineState, error: String) {
         let changed = {
             let mut machines = self.lock();
-            let Some(entry) = machines.get_mut(name) else { return };
+            let Some(entry) = machines.get_mut(name) else {
+                return;
+            };
             let changed = entry.info.state != state || entry.info.error != error;
             if entry.info.state != state {
                 entry.info.since = now_usec();
@@ -316,7 +336,10 @@ impl Manager {
             changed
         };
         if changed {
-            self.emit(Event::StateChanged { name: name.to_owned(), state });
+            self.emit(Event::StateChanged {
+                name: name.to_owned(),
+                state,
+            });
         }
     }
 
@@ -328,10 +351,14 @@ impl Manager {
             let entry = machines
                 .get_mut(name)
                 .ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))?;
-            let definition = entry.definition.clone().map_err(|error| ManagerError::InvalidDefinition {
-                name: name.to_owned(),
-                error,
-            })?;
+            let definition =
+                entry
+                    .definition
+                    .clone()
+                    .map_err(|error| ManagerError::InvalidDefinition {
+                        name: name.to_owned(),
+                        error,
+                    })?;
             if entry.supervisor.is_some() || entry.info.state.is_active() {
                 return Err(ManagerError::AlreadyRunning(name.to_owned()));
             }
@@ -340,7 +367,10 @@ impl Manager {
             entry.info.error.clear();
             definition
         };
-        self.emit(Event::StateChanged { name: name.to_owned(), state: MachineState::Starting });
+        self.emit(Event::StateChanged {
+            name: name.to_owned(),
+            state: MachineState::Starting,
+        });
         match self.launch(name, definition).await {
             Ok(mut status) => {
                 // Wait until init executes (leader known) or the boot failed.
@@ -353,12 +383,19 @@ impl Manager {
                         if !st.state.is_active() {
                             return Err(ManagerError::Failed {
                                 name: name.to_owned(),
-                                message: if st.error.is_empty() { format!("machine ended while starting ({})", st.state) } else { st.error },
+                                message: if st.error.is_empty() {
+                                    format!("machine ended while starting ({})", st.state)
+                                } else {
+                                    st.error
+                                },
                             });
                         }
                     }
                     if status.changed().await.is_err() {
-                        return Err(ManagerError::Failed { name: name.to_owned(), message: "the supervisor went away".into() });
+                        return Err(ManagerError::Failed {
+                            name: name.to_owned(),
+                            message: "the supervisor went away".into(),
+                        });
                     }
                 }
             }
@@ -369,14 +406,26 @@ impl Manager {
         }
     }
 
-    async fn launch(&self, name: &str, definition: Definition) -> Result<watch::Receiver<Option<Status>>, ManagerError> {
+    async fn launch(
+        &self,
+        name: &str,
+        definition: Definition,
+    ) -> Result<watch::Receiver<Option<Status>>, ManagerError> {
         let config = self.inner.config.clone();
         let helper = self.inner.helper.clone();
         let owned_name = name.to_owned();
-        let failed = |message: String| ManagerError::Failed { name: name.to_owned(), message };
+        let failed = |message: String| ManagerError::Failed {
+            name: name.to_owned(),
+            message,
+        };
         let plan = tokio::task::spawn_blocking(move || -> Result<MachinePlan, String> {
-            let ids = idrange::assign_range(&config.storage_dir, &owned_name, &definition.users, &HostIdFiles::default())
-                .map_err(|e| e.to_string())?;
+            let ids = idrange::assign_range(
+                &config.storage_dir,
+                &owned_name,
+                &definition.users,
+                &HostIdFiles::default(),
+            )
+            .map_err(|e| e.to_string())?;
             let plan = MachinePlan {
                 ids,
                 machine_dir: runtime::machine_dir(&config.state_dir, &owned_name),
@@ -409,8 +458,13 @@ impl Manager {
         check_name(name)?;
         let link = {
             let machines = self.lock();
-            let entry = machines.get(name).ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))?;
-            entry.supervisor.clone().ok_or_else(|| ManagerError::NotRunning(name.to_owned()))?
+            let entry = machines
+                .get(name)
+                .ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))?;
+            entry
+                .supervisor
+                .clone()
+                .ok_or_else(|| ManagerError::NotRunning(name.to_owned()))?
         };
         let mut status = link.status;
         let _ = link.commands.send(Command::Stop);
@@ -427,7 +481,11 @@ impl Manager {
             }
         }
         // The follower clears the link after the supervisor's exit.
-        while self.lock().get(name).is_some_and(|e| e.supervisor.is_some()) {
+        while self
+            .lock()
+            .get(name)
+            .is_some_and(|e| e.supervisor.is_some())
+        {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         Ok(())
@@ -443,25 +501,47 @@ impl Manager {
         environment: Vec<String>,
     ) -> Result<ShellSession, ManagerError> {
         check_name(name)?;
-        if let Some(bad) = environment.iter().find(|e| !e.contains('=') || e.starts_with('=')) {
-            return Err(ManagerError::InvalidArgument(format!("environment entry {bad:?} is not of the form KEY=VALUE")));
+        if let Some(bad) = environment
+            .iter()
+            .find(|e| !e.contains('=') || e.starts_with('='))
+        {
+            return Err(ManagerError::InvalidArgument(format!(
+                "environment entry {bad:?} is not of the form KEY=VALUE"
+            )));
         }
         let (plan, leader) = {
             let machines = self.lock();
-            let entry = machines.get(name).ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))?;
+            let entry = machines
+                .get(name)
+                .ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))?;
             match (&entry.plan, entry.info.leader) {
-                (Some(plan), leader) if leader != 0 && entry.info.state.is_active() => (plan.clone(), leader),
+                (Some(plan), leader) if leader != 0 && entry.info.state.is_active() => {
+                    (plan.clone(), leader)
+                }
                 _ => return Err(ManagerError::NotRunning(name.to_owned())),
             }
         };
         let guest_user = enter::resolve_user(leader as i32, user).map_err(|err| match err {
-            enter::EnterError::NoSuchUser(user) => ManagerError::NoSuchUser { machine: name.to_owned(), user },
+            enter::EnterError::NoSuchUser(user) => ManagerError::NoSuchUser {
+                machine: name.to_owned(),
+                user,
+            },
             enter::EnterError::NotRunning(_) => ManagerError::NotRunning(name.to_owned()),
-            other => ManagerError::Failed { name: name.to_owned(), message: other.to_string() },
+            other => ManagerError::Failed {
+                name: name.to_owned(),
+                message: other.to_string(),
+            },
         })?;
-        let failed = |message: String| ManagerError::Failed { name: name.to_owned(), message };
-        let (master, slave) = enter::open_guest_pty(leader as i32, plan.ids.base + guest_user.uid, plan.ids.base + 5)
-            .map_err(|e| failed(e.to_string()))?;
+        let failed = |message: String| ManagerError::Failed {
+            name: name.to_owned(),
+            message,
+        };
+        let (master, slave) = enter::open_guest_pty(
+            leader as i32,
+            plan.ids.base + guest_user.uid,
+            plan.ids.base + 5,
+        )
+        .map_err(|e| failed(e.to_string()))?;
         let term = environment
             .iter()
             .find_map(|e| e.strip_prefix("TERM="))
@@ -489,12 +569,17 @@ impl Manager {
         let manager = self.clone();
         tokio::spawn(async move {
             let status = match child.wait().await {
-                Ok(st) => st.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)),
+                Ok(st) => st.code().unwrap_or_else(|| {
+                    128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
+                }),
                 Err(_) => 255,
             };
             manager.emit(Event::ShellExited { session, status });
         });
-        Ok(ShellSession { pty_master: master, session })
+        Ok(ShellSession {
+            pty_master: master,
+            session,
+        })
     }
 
     /// Re-reads the definitions; running machines are not disturbed.
@@ -506,7 +591,12 @@ impl Manager {
         let loaded = match loaded {
             Ok(loaded) => loaded,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(err) => return Err(ManagerError::Io(format!("reading {}: {err}", self.inner.config.config_dir.display()))),
+            Err(err) => {
+                return Err(ManagerError::Io(format!(
+                    "reading {}: {err}",
+                    self.inner.config.config_dir.display()
+                )))
+            }
         };
         let mut summary = ReloadSummary::default();
         let mut events = Vec::new();
@@ -540,22 +630,43 @@ impl Manager {
                             }
                         }
                         if before.state != info.state {
-                            events.push(Event::StateChanged { name: item.name.clone(), state: info.state });
+                            events.push(Event::StateChanged {
+                                name: item.name.clone(),
+                                state: info.state,
+                            });
                         } else if *info != before {
-                            events.push(Event::InfoChanged { name: item.name.clone() });
+                            events.push(Event::InfoChanged {
+                                name: item.name.clone(),
+                            });
                         }
                         entry.definition = definition;
                     }
                     None => {
                         summary.added.push(item.name.clone());
-                        events.push(Event::MachineAdded { name: item.name.clone() });
-                        machines.insert(item.name.clone(), Entry { info: fresh, definition, supervisor: None, plan: None });
+                        events.push(Event::MachineAdded {
+                            name: item.name.clone(),
+                        });
+                        machines.insert(
+                            item.name.clone(),
+                            Entry {
+                                info: fresh,
+                                definition,
+                                supervisor: None,
+                                plan: None,
+                            },
+                        );
                     }
                 }
             }
-            let gone: Vec<String> = machines.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+            let gone: Vec<String> = machines
+                .keys()
+                .filter(|n| !seen.contains(*n))
+                .cloned()
+                .collect();
             for name in gone {
-                let Some(entry) = machines.get_mut(&name) else { continue };
+                let Some(entry) = machines.get_mut(&name) else {
+                    continue;
+                };
                 if entry.supervisor.is_some() {
                     // Keeps running; forgotten when it stops.
                     entry.definition = Err("the definition file was removed".into());
@@ -575,14 +686,18 @@ impl Manager {
     fn forget_if_undefined(&self, name: &str) {
         let removed = {
             let mut machines = self.lock();
-            let file = machines.get(name).map(|e| PathBuf::from(&e.info.definition));
+            let file = machines
+                .get(name)
+                .map(|e| PathBuf::from(&e.info.definition));
             match file {
                 Some(file) if !file.exists() => machines.remove(name).is_some(),
                 _ => false,
             }
         };
         if removed {
-            self.emit(Event::MachineRemoved { name: name.to_owned() });
+            self.emit(Event::MachineRemoved {
+                name: name.to_owned(),
+            });
         }
     }
 
@@ -626,7 +741,10 @@ impl Manager {
 
     /// How many machines are running (for the daemon's status line).
     pub fn running_count(&self) -> usize {
-        self.lock().values().filter(|e| e.info.state == MachineState::Running).count()
+        self.lock()
+            .values()
+            .filter(|e| e.info.state == MachineState::Running)
+            .count()
     }
 }
 

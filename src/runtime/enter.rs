@@ -300,13 +300,27 @@ fn stdin() -> BorrowedFd<'static> {
 /// Opens a new pty from the machine's own devpts (through its /dev/ptmx) and
 /// gives the slave to the guest user (host ids `uid`, `tty_gid`).
 /// Returns (master, slave).
-pub fn open_guest_pty(leader: i32, uid: u32, tty_gid: u32) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), RuntimeError> {
-    let root = File::open(format!("/proc/{leader}/root")).map_err(RuntimeError::io("opening the machine's root"))?;
-    let master = sys::open_in_root(root.as_fd(), Path::new("/dev/ptmx"), libc::O_RDWR | libc::O_NOCTTY)
-        .map_err(RuntimeError::io("opening the machine's /dev/ptmx"))?;
+pub fn open_guest_pty(
+    leader: i32,
+    uid: u32,
+    tty_gid: u32,
+) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), RuntimeError> {
+    let root = File::open(format!("/proc/{leader}/root"))
+        .map_err(RuntimeError::io("opening the machine's root"))?;
+    let master = sys::open_in_root(
+        root.as_fd(),
+        Path::new("/dev/ptmx"),
+        libc::O_RDWR | libc::O_NOCTTY,
+    )
+    .map_err(RuntimeError::io("opening the machine's /dev/ptmx"))?;
     sys::unlock_pty(master.as_fd()).map_err(RuntimeError::io("unlocking the pty"))?;
-    let slave = sys::open_pty_peer(master.as_fd()).map_err(RuntimeError::io("opening the pty's slave"))?;
-    nix::unistd::fchown(std::os::fd::AsRawFd::as_raw_fd(&slave), Some(uid.into()), Some(tty_gid.into()))
-        .map_err(|e| RuntimeError::io("giving the pty to the user")(e.into()))?;
+    let slave =
+        sys::open_pty_peer(master.as_fd()).map_err(RuntimeError::io("opening the pty's slave"))?;
+    nix::unistd::fchown(
+        std::os::fd::AsRawFd::as_raw_fd(&slave),
+        Some(uid.into()),
+        Some(tty_gid.into()),
+    )
+    .map_err(|e| RuntimeError::io("giving the pty to the user")(e.into()))?;
     Ok((master, slave))
 }

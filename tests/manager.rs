@@ -1,0 +1,258 @@
+//! The manager core for real (as root): definitions on disk, machines
+//! through supervisors, shells, reload. The D-Bus face is tested elsewhere.
+
+mod support;
+
+use std::io::Read;
+use std::time::Duration;
+
+use rmachines::manager::{Event, MachineState, Manager, ManagerConfig, ManagerError};
+use support::*;
+
+struct Env {
+    dirs: tempfile::TempDir,
+    manager: Manager,
+}
+
+impl Env {
+    async fn new(files: &[(&str, String)]) -> Env {
+        require_root();
+        let dirs = tempfile::Builder::new()
+            .prefix("rmachines-mgr-")
+            .tempdir()
+            .unwrap();
+        let config = dirs.path().join("etc");
+        std::fs::create_dir_all(&config).unwrap();
+        for (name, text) in files {
+            std::fs::write(config.join(format!("{name}.toml")), text).unwrap();
+        }
+        let manager = Manager::with_helper(
+            ManagerConfig {
+                config_dir: config,
+                state_dir: dirs.path().join("run"),
+                storage_dir: dirs.path().join("lib"),
+            },
+            helper_binary().into(),
+        )
+        .await
+        .unwrap();
+        Env { dirs, manager }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Stop whatever a failed test left running.
+        let manager = self.manager.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(manager.shutdown());
+        })
+        .join()
+        .unwrap();
+        let _ = &self.dirs;
+    }
+}
+
+fn busybox_toml() -> String {
+    format!(
+        "root = {:?}\n[network]\nmode = \"none\"\n",
+        fixture("busybox")
+    )
+}
+
+async fn wait_running(manager: &Manager, name: &str) {
+    for _ in 0..400 {
+        if manager.get(name).unwrap().state == MachineState::Running {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{name} never ran: {:?}", manager.get(name));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_shell_stop_and_the_state_sequence() {
+    let env = Env::new(&[("mgr-a", busybox_toml())]).await;
+    let m = &env.manager;
+    let mut events = m.subscribe();
+    m.start("mgr-a").await.unwrap();
+    assert!(matches!(
+        m.start("mgr-a").await,
+        Err(ManagerError::AlreadyRunning(_))
+    ));
+    wait_running(m, "mgr-a").await;
+    let info = m.get("mgr-a").unwrap();
+    assert!(info.leader > 0);
+
+    let session = m
+        .shell(
+            "mgr-a",
+            "",
+            vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo shell-ok; exit 7".into(),
+            ],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let mut output = Vec::new();
+    let mut master = std::fs::File::from(session.pty_master);
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = master.read_to_end(&mut output);
+        output
+    })
+    .await
+    .map(|o| {
+        assert!(
+            String::from_utf8_lossy(&o).contains("shell-ok"),
+            "{}",
+            String::from_utf8_lossy(&o)
+        )
+    });
+    let mut states = Vec::new();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::ShellExited { session: s, status } if s == session.session => break status,
+            Event::StateChanged { state, .. } => states.push(state),
+            _ => {}
+        }
+    };
+    assert_eq!(status, 7);
+    assert!(matches!(
+        m.shell("mgr-a", "nosuchuser", vec![], vec![]).await,
+        Err(ManagerError::NoSuchUser { .. })
+    ));
+
+    m.stop("mgr-a").await.unwrap();
+    assert_eq!(m.get("mgr-a").unwrap().state, MachineState::Stopped);
+    assert!(matches!(
+        m.stop("mgr-a").await,
+        Err(ManagerError::NotRunning(_))
+    ));
+    while let Ok(event) = events.try_recv() {
+        if let Event::StateChanged { name, state } = event {
+            assert_eq!(name, "mgr-a");
+            states.push(state);
+        }
+    }
+    // The whole sequence (starting may repeat as the supervisor confirms it).
+    states.dedup();
+    assert_eq!(
+        states,
+        [
+            MachineState::Starting,
+            MachineState::Running,
+            MachineState::Stopping,
+            MachineState::Stopped
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_definitions_fail_alone_and_bad_names_are_refused() {
+    let env = Env::new(&[
+        ("good", busybox_toml()),
+        ("broken", "root = \"/nonexistent\"\nbogus = 1\n".into()),
+        (
+            "noinit",
+            format!(
+                "root = {:?}\n",
+                env!("CARGO_MANIFEST_DIR").to_owned() + "/docs"
+            ),
+        ),
+    ])
+    .await;
+    let m = &env.manager;
+    let list = m.list();
+    assert_eq!(
+        list.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+        ["broken", "good", "noinit"]
+    );
+    assert_eq!(list[0].state, MachineState::Failed);
+    assert!(list[0].error.contains("broken.toml"), "{}", list[0].error);
+    assert!(matches!(
+        m.start("broken").await,
+        Err(ManagerError::InvalidDefinition { .. })
+    ));
+    let err = m.start("noinit").await.unwrap_err();
+    assert!(err.to_string().contains("/sbin/init"), "{err}");
+    assert_eq!(m.get("noinit").unwrap().state, MachineState::Failed);
+    for bad in ["", "../x", "a/b", &"a".repeat(10_000), "nul\0byte"] {
+        assert!(
+            matches!(m.get(bad), Err(ManagerError::InvalidName(_))),
+            "{bad:?}"
+        );
+        assert!(
+            matches!(m.start(bad).await, Err(ManagerError::InvalidName(_))),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        m.start("unknown").await,
+        Err(ManagerError::NoSuchMachine(_))
+    ));
+    m.start("good").await.unwrap();
+    wait_running(m, "good").await;
+    m.stop("good").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_adds_and_removes_without_disturbing_running_machines() {
+    let env = Env::new(&[("keep", busybox_toml())]).await;
+    let m = &env.manager;
+    m.start("keep").await.unwrap();
+    wait_running(m, "keep").await;
+    let leader = m.get("keep").unwrap().leader;
+    let config = env.dirs.path().join("etc");
+    std::fs::write(config.join("added.toml"), busybox_toml()).unwrap();
+    let summary = m.reload().await.unwrap();
+    assert_eq!(summary.added, ["added"]);
+    std::fs::remove_file(config.join("added.toml")).unwrap();
+    let summary = m.reload().await.unwrap();
+    assert_eq!(summary.removed, ["added"]);
+    assert_eq!(
+        m.get("keep").unwrap().leader,
+        leader,
+        "running machine disturbed"
+    );
+    m.stop("keep").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_machines_start_concurrently() {
+    let files: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("many-{i:02}"), busybox_toml()))
+        .collect();
+    let refs: Vec<(&str, String)> = files.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let env = Env::new(&refs).await;
+    let m = &env.manager;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, _) in &files {
+        let m = m.clone();
+        let name = name.clone();
+        tasks.spawn(async move { m.start(&name).await });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap().unwrap();
+    }
+    for (name, _) in &files {
+        wait_running(m, name).await;
+    }
+    let cgroups: Vec<_> = files
+        .iter()
+        .map(|(n, _)| rmachines::runtime::cgroup::machine_cgroup_path(n).unwrap())
+        .collect();
+    m.shutdown().await;
+    assert!(m.list().iter().all(|i| i.state == MachineState::Stopped));
+    for cg in cgroups {
+        assert!(!cg.exists(), "{} left behind", cg.display());
+    }
+}
