@@ -50,10 +50,18 @@ pub fn create_machine_cgroup(path: &Path, owner: u32) -> Result<(), RuntimeError
     if path.exists() {
         remove_machine_cgroup(path, Duration::from_secs(5))?;
     }
-    fs::create_dir_all(path).map_err(|source| RuntimeError::Io {
-        what: format!("creating cgroup {}", path.display()),
-        source,
-    })?;
+    // Another machine's cleanup may remove the (then empty) parent between
+    // our mkdirs: try again.
+    let mut attempt = 0;
+    while let Err(source) = fs::create_dir_all(path) {
+        attempt += 1;
+        if attempt >= 5 || source.kind() != io::ErrorKind::NotFound {
+            return Err(RuntimeError::Io {
+                what: format!("creating cgroup {}", path.display()),
+                source,
+            });
+        }
+    }
     let chown = |p: &Path| {
         std::os::unix::fs::chown(p, Some(owner), Some(owner)).map_err(|source| RuntimeError::Io {
             what: format!("delegating {} to host uid {owner}", p.display()),
@@ -81,7 +89,13 @@ pub fn remove_machine_cgroup(path: &Path, timeout: Duration) -> Result<(), Runti
     let _ = fs::write(path.join("cgroup.kill"), "1");
     loop {
         match remove_tree(path) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                // The shared parent goes with the last machine (EBUSY otherwise).
+                if let Some(parent) = path.parent().filter(|p| p.ends_with(CGROUP_PARENT)) {
+                    let _ = fs::remove_dir(parent);
+                }
+                return Ok(());
+            }
             Err(err) if Instant::now() < deadline => {
                 tracing::trace!(cgroup = %path.display(), %err, "cgroup not empty yet");
                 let _ = fs::write(path.join("cgroup.kill"), "1");
