@@ -223,10 +223,13 @@ impl Manager {
             .and_then(|d| serde_json::from_slice::<MachinePlan>(&d).ok());
         tracing::info!(machine = name, "re-adopting a running machine");
         let link = self.follow(name, stream);
+        let mut status = link.status.clone();
         if let Some(entry) = self.lock().get_mut(name) {
             entry.supervisor = Some(link);
             entry.plan = plan;
         }
+        // The supervisor greets with its status: have it before serving.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), status.changed()).await;
     }
 
     /// Starts a task that reads the supervisor's statuses into the entry.

@@ -256,3 +256,29 @@ async fn twenty_machines_start_concurrently() {
         assert!(!cg.exists(), "{} left behind", cg.display());
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_daemon_readopts_machines_that_outlived_the_old_one() {
+    let env = Env::new(&[("adopted", busybox_toml())]).await;
+    env.manager.start("adopted").await.unwrap();
+    wait_running(&env.manager, "adopted").await;
+    let leader = env.manager.get("adopted").unwrap().leader;
+    // A second manager on the same directories stands for a restarted
+    // daemon: the first one's supervisor is still there to be found.
+    let config = ManagerConfig {
+        config_dir: env.dirs.path().join("etc"),
+        state_dir: env.dirs.path().join("run"),
+        storage_dir: env.dirs.path().join("lib"),
+    };
+    let second = Manager::with_helper(config, helper_binary().into())
+        .await
+        .unwrap();
+    let info = second.get("adopted").unwrap();
+    assert_eq!(info.state, MachineState::Running);
+    assert_eq!(info.leader, leader);
+    second.stop("adopted").await.unwrap();
+    assert_eq!(second.get("adopted").unwrap().state, MachineState::Stopped);
+    assert!(!rmachines::runtime::cgroup::machine_cgroup_path("adopted")
+        .unwrap()
+        .exists());
+}
