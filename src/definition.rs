@@ -1940,3 +1940,23 @@ cpus = 2
         assert_eq!(loaded[2].file, dir.path().join("web.toml"));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped examples parse as they are.
+    #[test]
+    fn shipped_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+            let text = std::fs::read_to_string(&path).unwrap();
+            parse_definition(&name, &path, &text).unwrap_or_else(|e| panic!("{e}"));
+            seen += 1;
+        }
+        assert_eq!(seen, 3);
+    }
+}
