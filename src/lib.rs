@@ -8,6 +8,7 @@
 //! - [`cli`]: `rmachinectl`.
 
 pub mod cli;
+pub mod daemon;
 pub mod dbus;
 pub mod definition;
 pub mod manager;
