@@ -16,6 +16,13 @@ pub(crate) struct MachineObject {
 }
 
 impl MachineObject {
+    pub(crate) fn new(manager: Manager, name: &str) -> Self {
+        MachineObject {
+            manager,
+            name: name.to_owned(),
+        }
+    }
+
     /// Serves the object of machine `name` (already validated: it came from
     /// the manager). Returns false if it was already served.
     pub(crate) async fn serve_at(
@@ -23,10 +30,7 @@ impl MachineObject {
         manager: Manager,
         name: &str,
     ) -> zbus::Result<bool> {
-        let object = MachineObject {
-            manager,
-            name: name.to_owned(),
-        };
+        let object = MachineObject::new(manager, name);
         connection
             .object_server()
             .at(machine_path(name), object)

@@ -12,6 +12,8 @@
 pub(crate) mod auth;
 mod events;
 pub mod error;
+#[doc(hidden)]
+pub mod introspection;
 pub(crate) mod machine;
 pub(crate) mod manager;
 mod validate;
