@@ -41,8 +41,14 @@ mod tests {
     #[test]
     fn manager_errors_map_to_spec_names() {
         let cases = [
-            (ManagerError::InvalidName("x".into()), "org.rmachines1.InvalidArgument"),
-            (ManagerError::NoSuchMachine("x".into()), "org.rmachines1.NoSuchMachine"),
+            (
+                ManagerError::InvalidName("x".into()),
+                "org.rmachines1.InvalidArgument",
+            ),
+            (
+                ManagerError::NoSuchMachine("x".into()),
+                "org.rmachines1.NoSuchMachine",
+            ),
             (
                 ManagerError::InvalidDefinition {
                     name: "x".into(),
@@ -50,8 +56,14 @@ mod tests {
                 },
                 "org.rmachines1.InvalidDefinition",
             ),
-            (ManagerError::AlreadyRunning("x".into()), "org.rmachines1.AlreadyRunning"),
-            (ManagerError::NotRunning("x".into()), "org.rmachines1.NotRunning"),
+            (
+                ManagerError::AlreadyRunning("x".into()),
+                "org.rmachines1.AlreadyRunning",
+            ),
+            (
+                ManagerError::NotRunning("x".into()),
+                "org.rmachines1.NotRunning",
+            ),
             (
                 ManagerError::NoSuchUser {
                     machine: "x".into(),

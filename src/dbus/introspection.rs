@@ -32,7 +32,10 @@ mod tests {
     fn normalises_whitespace_and_comments() {
         let a = "<node>\n  <interface name=\"x.Y\">\n <!-- doc -->\n <method name=\"A\">\n </method></interface></node>";
         let b = "<interface name=\"x.Y\"><method name=\"A\"></method></interface>";
-        assert_eq!(normalized_interface(a, "x.Y"), normalized_interface(b, "x.Y"));
+        assert_eq!(
+            normalized_interface(a, "x.Y"),
+            normalized_interface(b, "x.Y")
+        );
         assert_eq!(normalized_interface(a, "x.Z"), None);
     }
 

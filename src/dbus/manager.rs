@@ -88,10 +88,7 @@ impl ManagerObject {
         validate::machine_name(name)?;
         validate::user_name(user)?;
         validate::environment(&environment)?;
-        let session = self
-            .manager
-            .shell(name, user, command, environment)
-            .await?;
+        let session = self.manager.shell(name, user, command, environment).await?;
         Ok((zvariant::OwnedFd::from(session.pty_master), session.session))
     }
 

@@ -10,14 +10,14 @@
 //! - [`events`]: forwards manager events to signals and objects.
 
 pub(crate) mod auth;
-mod events;
 pub mod error;
+mod events;
 #[doc(hidden)]
 pub mod introspection;
 pub(crate) mod machine;
 pub(crate) mod manager;
-mod validate;
 pub mod proxy;
+mod validate;
 
 use zbus::zvariant::{ObjectPath, OwnedObjectPath};
 use zbus::Connection;
@@ -73,9 +73,7 @@ pub async fn serve(connection: &Connection, manager: Manager) -> zbus::Result<()
     // Subscribe before the snapshot below so that no change falls between.
     let events = manager.subscribe();
     let server = connection.object_server();
-    server
-        .at(MANAGER_PATH, zbus::fdo::ObjectManager)
-        .await?;
+    server.at(MANAGER_PATH, zbus::fdo::ObjectManager).await?;
     manager::ManagerObject::serve_at(connection, manager.clone()).await?;
     for info in manager.list() {
         machine::MachineObject::serve_at(connection, manager.clone(), &info.name).await?;

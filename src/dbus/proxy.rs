@@ -37,7 +37,10 @@ pub trait Manager {
     fn shell_exited(&self, session: u32, status: i32) -> zbus::Result<()>;
 }
 
-#[zbus::proxy(interface = "org.rmachines1.Machine", default_service = "org.rmachines1")]
+#[zbus::proxy(
+    interface = "org.rmachines1.Machine",
+    default_service = "org.rmachines1"
+)]
 pub trait Machine {
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;

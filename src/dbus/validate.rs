@@ -39,8 +39,9 @@ fn check_machine_name(name: &str) -> Result<(), String> {
 
 /// Rejects anything that is not a valid machine name with `InvalidArgument`.
 pub(crate) fn machine_name(name: &str) -> Result<(), Error> {
-    check_machine_name(name)
-        .map_err(|reason| Error::InvalidArgument(format!("invalid machine name {}: {reason}", echo(name))))
+    check_machine_name(name).map_err(|reason| {
+        Error::InvalidArgument(format!("invalid machine name {}: {reason}", echo(name)))
+    })
 }
 
 /// A user inside the machine: empty (root), a uid, or a POSIX-ish user name.
