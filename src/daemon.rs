@@ -35,6 +35,7 @@ pub enum DaemonError {
 /// Sends logs to the journal when `JOURNAL_STREAM` says stderr is connected
 /// to it, else to stderr. The level comes from `RUST_LOG` (default `info`).
 pub fn init_logging() {
+    use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
 
@@ -51,7 +52,11 @@ pub fn init_logging() {
             .init(),
         None => tracing_subscriber::registry()
             .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .init(),
     }
 }

@@ -123,12 +123,13 @@ fn status_text(view: &MachineView) -> String {
             text.to_owned()
         }
     };
+    let state_line = match since_text(view.since) {
+        since if since.is_empty() => view.state.clone(),
+        since => format!("{} since {since}", view.state),
+    };
     let mut lines = vec![
-        (
-            "State",
-            format!("{} since {}", view.state, since_text(view.since)),
-        ),
-        ("Leader", leader_text(view.leader)),
+        ("State", state_line),
+        ("Leader", dash(&leader_text(view.leader))),
         ("Root", dash(&view.root)),
         ("Definition", dash(&view.definition)),
         ("Addresses", dash(&view.addresses.join(", "))),

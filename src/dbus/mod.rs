@@ -2,12 +2,12 @@
 //! authorise, call the [`Manager`](crate::manager::Manager) and map its errors;
 //! no container logic lives here.
 //!
-//! - [`manager`]: `org.rmachines1.Manager` at `/org/rmachines1`.
-//! - [`machine`]: `org.rmachines1.Machine`, one object per definition.
-//! - [`error`]: the `org.rmachines1.*` errors.
-//! - [`auth`]: who is calling, and may they.
-//! - [`proxy`]: client proxies, shared by `rmachinectl` and the tests.
-//! - [`events`]: forwards manager events to signals and objects.
+//! - [`manager`], `org.rmachines1.Manager` at `/org/rmachines1`.
+//! - [`machine`], `org.rmachines1.Machine`, one object per definition.
+//! - [`error`], the `org.rmachines1.*` errors.
+//! - [`auth`], who is calling, and may they.
+//! - [`proxy`], client proxies, shared by `rmachinectl` and the tests.
+//! - [`events`], forwards manager events to signals and objects.
 
 pub(crate) mod auth;
 pub mod error;
