@@ -78,7 +78,7 @@ impl ShellOptions {
         };
 
         let exited = Arc::new(AtomicBool::new(false));
-        spawn_input_relay(File::from(pty.try_clone()?), eof_char);
+        spawn_input_relay(std::io::stdin(), File::from(pty.try_clone()?), eof_char);
         let mut drained = spawn_output_relay(File::from(pty.try_clone()?), Arc::clone(&exited));
         let mut output_done = false;
 
@@ -122,15 +122,18 @@ fn exit_code(status: i32) -> i32 {
     status.clamp(0, 255)
 }
 
-/// Copies stdin to the pty. With `eof_char` (piped input), sends the
-/// terminal's EOF character when stdin ends so the command sees its input end.
-fn spawn_input_relay(mut pty: File, eof_char: Option<u8>) {
+/// Copies `input` (stdin) to the pty. With `eof_char` (piped input), sends
+/// the terminal's EOF character when the input ends so the command sees it end.
+fn spawn_input_relay(
+    mut input: impl Read + Send + 'static,
+    mut pty: File,
+    eof_char: Option<u8>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
         let mut buffer = [0u8; 4096];
         let mut last = b'\n';
         loop {
-            match stdin.read(&mut buffer) {
+            match input.read(&mut buffer) {
                 Ok(0) => break,
                 Ok(n) => {
                     last = buffer[n - 1];
@@ -152,7 +155,7 @@ fn spawn_input_relay(mut pty: File, eof_char: Option<u8>) {
                 }
             }
         }
-    });
+    })
 }
 
 /// Copies the pty to stdout until the pty reports EOF/EIO (every slave is
@@ -197,4 +200,50 @@ fn spawn_output_relay(mut pty: File, exited: Arc<AtomicBool>) -> oneshot::Receiv
         let _ = done.send(());
     });
     drained
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    /// Piped input through a real pty: no echo, `\n` kept, and the EOF
+    /// character ends the command's input even without a final newline.
+    #[test]
+    fn piped_input_reaches_the_command_and_ends_it() {
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        let eof = terminal::pipe_mode(pty.master.as_fd()).expect("pipe mode");
+        let slave = File::from(pty.slave);
+        let mut child = Command::new("cat")
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn cat");
+        drop(slave);
+        let master = File::from(pty.master);
+        let input = std::io::Cursor::new(b"hi\nno newline".to_vec());
+        spawn_input_relay(input, master.try_clone().unwrap(), Some(eof))
+            .join()
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "cat saw EOF and exited");
+        let mut output = Vec::new();
+        let mut master = master;
+        let mut buffer = [0u8; 256];
+        loop {
+            match master.read(&mut buffer) {
+                Ok(0) | Err(_) => break, // EIO once the slave is closed
+                Ok(n) => output.extend_from_slice(&buffer[..n]),
+            }
+        }
+        assert_eq!(String::from_utf8_lossy(&output), "hi\nno newline");
+    }
+
+    #[test]
+    fn exit_codes_fit_a_byte() {
+        assert_eq!(exit_code(7), 7);
+        assert_eq!(exit_code(128 + 9), 137);
+        assert_eq!(exit_code(-1), 0);
+        assert_eq!(exit_code(1000), 255);
+    }
 }
