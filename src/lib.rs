@@ -1,13 +1,15 @@
 //! rmachines: a declarative machine manager for full-OS containers.
 //!
 //! Layers, from the bottom up:
-//! - [`definition`]: parse and validate `/etc/rmachines/*.toml` into plain data.
-//! - [`runtime`]: namespaces, mounts, id maps, cgroups, the per-machine supervisor.
-//! - [`manager`]: machine state and supervision for the daemon.
-//! - [`dbus`]: the `org.rmachines1` bus face; no container logic.
-//! - [`cli`]: `rmachinectl`, the command-line client.
+//! - [`definition`], parse and validate `/etc/rmachines/*.toml` into plain data.
+//! - [`runtime`], namespaces, mounts, id maps, cgroups, the per-machine supervisor.
+//! - [`manager`], machine state and supervision for the daemon.
+//! - [`dbus`], the `org.rmachines1` bus face; no container logic.
+//! - [`daemon`], rmachined's orchestration (bus, sd-notify, signals).
+//! - [`cli`], `rmachinectl`.
 
 pub mod cli;
+pub mod daemon;
 pub mod dbus;
 pub mod definition;
 pub mod manager;

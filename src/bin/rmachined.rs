@@ -1,6 +1,71 @@
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).is_some_and(|a| a.starts_with("__")) {
-        std::process::exit(rmachines::runtime::internal_main(args));
+//! rmachined: the rmachines system service. See `rmachines::daemon`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use rmachines::manager::ManagerConfig;
+
+/// The rmachines system service: boots and supervises machines and serves
+/// org.rmachines1 on the system bus.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Directory of machine definitions (*.toml).
+    #[arg(long, default_value = "/etc/rmachines")]
+    config_dir: PathBuf,
+    /// Directory for runtime state.
+    #[arg(long, default_value = "/run/rmachines")]
+    state_dir: PathBuf,
+    /// Directory for persistent storage.
+    #[arg(long, default_value = "/var/lib/rmachines")]
+    storage_dir: PathBuf,
+}
+
+/// Hidden first arguments under which the runtime re-executes this binary.
+const INTERNAL_ROLES: [&str; 2] = ["__supervise", "__enter"];
+
+fn main() -> ExitCode {
+    // The runtime's helper roles must start before any thread exists (they
+    // unshare namespaces), so they are dispatched before tokio or logging.
+    let role = std::env::args_os().nth(1);
+    if role
+        .as_deref()
+        .and_then(|role| role.to_str())
+        .is_some_and(|role| INTERNAL_ROLES.contains(&role))
+    {
+        let args: Result<Vec<String>, _> =
+            std::env::args_os().map(|arg| arg.into_string()).collect();
+        let Ok(args) = args else {
+            eprintln!("rmachined: internal role arguments are not valid UTF-8");
+            return ExitCode::FAILURE;
+        };
+        let code = rmachines::runtime::internal_main(args);
+        return ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1));
+    }
+
+    let args = Args::parse();
+    rmachines::daemon::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!("cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = ManagerConfig {
+        config_dir: args.config_dir,
+        state_dir: args.state_dir,
+        storage_dir: args.storage_dir,
+    };
+    match runtime.block_on(rmachines::daemon::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            ExitCode::FAILURE
+        }
     }
 }

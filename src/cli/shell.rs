@@ -1,0 +1,249 @@
+//! `shell`: runs a command in a machine on a pty and relays the terminal.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Args;
+use futures_util::StreamExt;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
+
+use super::terminal::{self, RawMode};
+use super::CliError;
+use crate::dbus::proxy::ManagerProxy;
+
+#[derive(Debug, Args)]
+pub(crate) struct ShellOptions {
+    /// The machine.
+    name: String,
+    /// The user inside the machine (name or uid); default root.
+    #[arg(long, value_name = "USER", default_value = "")]
+    uid: String,
+    /// Extra environment for the command.
+    #[arg(long, value_name = "K=V")]
+    setenv: Vec<String>,
+    /// The command and its arguments (after `--`); default the login shell.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// How often the output relay looks at whether the session has ended.
+const DRAIN_POLL_MS: u16 = 100;
+
+impl ShellOptions {
+    pub(crate) async fn run(&self, manager: &ManagerProxy<'static>) -> Result<i32, CliError> {
+        if let Some(entry) = self.setenv.iter().find(|entry| !entry.contains('=')) {
+            return Err(CliError::Failed(format!(
+                "--setenv wants KEY=VALUE, not {entry:?}"
+            )));
+        }
+        let interactive = terminal::stdin_is_tty();
+        let mut environment = self.setenv.clone();
+        if interactive && !environment.iter().any(|entry| entry.starts_with("TERM=")) {
+            if let Ok(term) = std::env::var("TERM") {
+                environment.push(format!("TERM={term}"));
+            }
+        }
+
+        // Subscribe before calling Shell: a quick command may be done before
+        // the reply arrives.
+        let mut exits = manager.receive_shell_exited().await?;
+        let mut owner = manager.inner().receive_owner_changed().await?;
+        let mut winch = signal(SignalKind::window_change())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+
+        let command: Vec<&str> = self.command.iter().map(String::as_str).collect();
+        let environment: Vec<&str> = environment.iter().map(String::as_str).collect();
+        let (pty, session) = manager
+            .shell(&self.name, &self.uid, &command, &environment)
+            .await?;
+        let pty: OwnedFd = pty.into();
+
+        let (_raw_mode, eof_char) = if interactive {
+            let _ = terminal::copy_window_size(std::io::stdin().as_fd(), pty.as_fd());
+            let raw = RawMode::enter().map_err(|error| {
+                CliError::Failed(format!("cannot put the terminal in raw mode: {error}"))
+            })?;
+            (Some(raw), None)
+        } else {
+            let eof = terminal::pipe_mode(pty.as_fd())
+                .map_err(|error| CliError::Failed(format!("cannot set up the pty: {error}")))?;
+            (None, Some(eof))
+        };
+
+        let exited = Arc::new(AtomicBool::new(false));
+        spawn_input_relay(std::io::stdin(), File::from(pty.try_clone()?), eof_char);
+        let mut drained = spawn_output_relay(File::from(pty.try_clone()?), Arc::clone(&exited));
+        let mut output_done = false;
+
+        let mut status = None;
+        loop {
+            if let (Some(status), true) = (status, output_done) {
+                return Ok(exit_code(status));
+            }
+            tokio::select! {
+                signal = exits.next() => {
+                    let Some(signal) = signal else {
+                        return Err(CliError::Failed("lost the bus before the command ended".into()));
+                    };
+                    let args = signal.args()?;
+                    if *args.session() == session {
+                        status = Some(*args.status());
+                        exited.store(true, Ordering::SeqCst);
+                    }
+                }
+                _ = &mut drained, if !output_done => output_done = true,
+                _ = winch.recv() => {
+                    if interactive {
+                        let _ = terminal::copy_window_size(std::io::stdin().as_fd(), pty.as_fd());
+                    }
+                }
+                change = owner.next() => {
+                    if matches!(change, Some(None) | None) {
+                        return Err(CliError::Failed("rmachined left the bus before the command ended".into()));
+                    }
+                }
+                _ = hangup.recv() => return Ok(128 + libc::SIGHUP),
+                _ = terminate.recv() => return Ok(128 + libc::SIGTERM),
+                _ = interrupt.recv() => return Ok(128 + libc::SIGINT),
+            }
+        }
+    }
+}
+
+/// `ShellExited` reports an exit code or 128+signal; the process exits with it.
+fn exit_code(status: i32) -> i32 {
+    status.clamp(0, 255)
+}
+
+/// Copies `input` (stdin) to the pty. With `eof_char` (piped input), sends
+/// the terminal's EOF character when the input ends so the command sees it end.
+fn spawn_input_relay(
+    mut input: impl Read + Send + 'static,
+    mut pty: File,
+    eof_char: Option<u8>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        let mut last = b'\n';
+        loop {
+            match input.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => {
+                    last = buffer[n - 1];
+                    if pty.write_all(&buffer[..n]).is_err() {
+                        return;
+                    }
+                }
+                Err(error) if error.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        if let Some(eof) = eof_char {
+            // In canonical mode EOF on a partial line only pushes that line
+            // out; a second EOF then ends the input.
+            let eofs: &[u8] = if last == b'\n' { &[eof] } else { &[eof, eof] };
+            for byte in eofs {
+                if pty.write_all(&[*byte]).is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// Copies the pty to stdout until the pty reports EOF/EIO (every slave is
+/// closed) or, once the session has exited, no more output is pending.
+/// The returned receiver fires when the output is drained.
+fn spawn_output_relay(mut pty: File, exited: Arc<AtomicBool>) -> oneshot::Receiver<()> {
+    let (done, drained) = oneshot::channel();
+    std::thread::spawn(move || {
+        let mut stdout = std::io::stdout().lock();
+        let mut buffer = [0u8; 4096];
+        loop {
+            let mut fds = [PollFd::new(pty.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(DRAIN_POLL_MS)) {
+                Ok(0) => {
+                    if exited.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+            match pty.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if stdout
+                        .write_all(&buffer[..n])
+                        .and_then(|()| stdout.flush())
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(error) if error.kind() == ErrorKind::Interrupted => {}
+                Err(error) if error.kind() == ErrorKind::WouldBlock => {}
+                // EIO: the last slave fd closed.
+                Err(_) => break,
+            }
+        }
+        let _ = stdout.flush();
+        let _ = done.send(());
+    });
+    drained
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    /// Piped input through a real pty: no echo, `\n` kept, and the EOF
+    /// character ends the command's input even without a final newline.
+    #[test]
+    fn piped_input_reaches_the_command_and_ends_it() {
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        let eof = terminal::pipe_mode(pty.master.as_fd()).expect("pipe mode");
+        let slave = File::from(pty.slave);
+        let mut child = Command::new("cat")
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn cat");
+        drop(slave);
+        let master = File::from(pty.master);
+        let input = std::io::Cursor::new(b"hi\nno newline".to_vec());
+        spawn_input_relay(input, master.try_clone().unwrap(), Some(eof))
+            .join()
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "cat saw EOF and exited");
+        let mut output = Vec::new();
+        let mut master = master;
+        let mut buffer = [0u8; 256];
+        loop {
+            match master.read(&mut buffer) {
+                Ok(0) | Err(_) => break, // EIO once the slave is closed
+                Ok(n) => output.extend_from_slice(&buffer[..n]),
+            }
+        }
+        assert_eq!(String::from_utf8_lossy(&output), "hi\nno newline");
+    }
+
+    #[test]
+    fn exit_codes_fit_a_byte() {
+        assert_eq!(exit_code(7), 7);
+        assert_eq!(exit_code(128 + 9), 137);
+        assert_eq!(exit_code(-1), 0);
+        assert_eq!(exit_code(1000), 255);
+    }
+}

@@ -1,0 +1,199 @@
+//! rmachined's orchestration: logging, the bus, readiness and watchdog
+//! notifications to systemd, and an orderly shutdown on SIGTERM/SIGINT.
+//! The binary only parses flags and calls [`run`].
+
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::broadcast::error::RecvError;
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
+use zbus::Connection;
+
+use crate::dbus;
+use crate::manager::{Event, Manager, ManagerConfig, ManagerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot load the machines: {0}")]
+    Manager(#[source] ManagerError),
+    #[error("cannot connect to the system bus: {0}")]
+    Connect(#[source] zbus::Error),
+    #[error("cannot serve the D-Bus objects: {0}")]
+    Serve(#[source] zbus::Error),
+    #[error("cannot own {name} on the bus: {source}")]
+    RequestName {
+        name: &'static str,
+        #[source]
+        source: zbus::Error,
+    },
+    #[error("{0} is already owned by another process; is rmachined running already?")]
+    NameTaken(&'static str),
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Sends logs to the journal when `JOURNAL_STREAM` says stderr is connected
+/// to it, else to stderr. The level comes from `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::EnvFilter;
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let journal = if stderr_is_journal() {
+        tracing_journald::layer().ok()
+    } else {
+        None
+    };
+    match journal {
+        Some(journal) => tracing_subscriber::registry()
+            .with(filter)
+            .with(journal)
+            .init(),
+        None => tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+    }
+}
+
+/// `JOURNAL_STREAM` holds `dev:ino` of the journal stream systemd connected
+/// to stdout/stderr; it only counts if stderr is still that stream.
+fn stderr_is_journal() -> bool {
+    let Ok(value) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(libc::STDERR_FILENO) {
+        #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+        Ok(stat) => stat.st_dev as u64 == dev && stat.st_ino as u64 == ino,
+        Err(_) => false,
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, then stops every machine.
+pub async fn run(config: ManagerConfig) -> Result<(), DaemonError> {
+    // Install the handlers first so an early SIGTERM is not fatal.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+
+    let manager = Manager::new(config).await.map_err(DaemonError::Manager)?;
+    let connection = zbus::connection::Builder::system()
+        .map_err(DaemonError::Connect)?
+        .build()
+        .await
+        .map_err(DaemonError::Connect)?;
+    dbus::serve(&connection, manager.clone())
+        .await
+        .map_err(DaemonError::Serve)?;
+    request_name(&connection).await?;
+    tracing::info!("serving {} on the system bus", dbus::BUS_NAME);
+
+    // Subscribe before autostart so the status line sees every change.
+    let status_events = manager.subscribe();
+    manager.autostart();
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status_line(manager.running_count())),
+    ]);
+    tokio::spawn(update_status(manager.clone(), status_events));
+    spawn_watchdog();
+
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM received; stopping every machine"),
+        _ = sigint.recv() => tracing::info!("SIGINT received; stopping every machine"),
+    }
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping machines"),
+    ]);
+    manager.shutdown().await;
+    if let Err(error) = connection.release_name(dbus::BUS_NAME).await {
+        tracing::debug!("cannot release {}: {error}", dbus::BUS_NAME);
+    }
+    tracing::info!("all machines stopped; exiting");
+    Ok(())
+}
+
+async fn request_name(connection: &Connection) -> Result<(), DaemonError> {
+    let reply = connection
+        .request_name_with_flags(dbus::BUS_NAME, RequestNameFlags::DoNotQueue.into())
+        .await
+        .map_err(|source| match source {
+            zbus::Error::NameTaken => DaemonError::NameTaken(dbus::BUS_NAME),
+            source => DaemonError::RequestName {
+                name: dbus::BUS_NAME,
+                source,
+            },
+        })?;
+    match reply {
+        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => Ok(()),
+        RequestNameReply::InQueue | RequestNameReply::Exists => {
+            Err(DaemonError::NameTaken(dbus::BUS_NAME))
+        }
+    }
+}
+
+fn status_line(running: usize) -> String {
+    match running {
+        1 => "1 machine running".to_owned(),
+        n => format!("{n} machines running"),
+    }
+}
+
+async fn update_status(manager: Manager, mut events: tokio::sync::broadcast::Receiver<Event>) {
+    loop {
+        match events.recv().await {
+            Ok(Event::StateChanged { .. }) | Err(RecvError::Lagged(_)) => {
+                let line = status_line(manager.running_count());
+                notify(&[sd_notify::NotifyState::Status(&line)]);
+            }
+            Ok(_) => {}
+            Err(RecvError::Closed) => break,
+        }
+    }
+}
+
+/// Pings the watchdog at half the interval systemd asked for, if it asked.
+fn spawn_watchdog() {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let period = Duration::from_micros(usec / 2);
+    tracing::debug!(?period, "watchdog enabled");
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(period);
+        loop {
+            ticker.tick().await;
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    });
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(error) = sd_notify::notify(false, states) {
+        tracing::warn!("cannot notify systemd: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(status_line(0), "0 machines running");
+        assert_eq!(status_line(1), "1 machine running");
+        assert_eq!(status_line(3), "3 machines running");
+    }
+}

@@ -1,0 +1,92 @@
+//! The errors the daemon returns on the bus, named `org.rmachines1.<Variant>`.
+//! Each carries a sentence a person can act on.
+
+use crate::manager::ManagerError;
+
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.rmachines1")]
+pub enum Error {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    NoSuchMachine(String),
+    InvalidDefinition(String),
+    AlreadyRunning(String),
+    NotRunning(String),
+    AccessDenied(String),
+    InvalidArgument(String),
+    NoSuchUser(String),
+    Failed(String),
+}
+
+impl From<ManagerError> for Error {
+    fn from(error: ManagerError) -> Self {
+        let message = error.to_string();
+        match error {
+            ManagerError::InvalidName(_) | ManagerError::InvalidArgument(_) => {
+                Error::InvalidArgument(message)
+            }
+            ManagerError::NoSuchMachine(_) => Error::NoSuchMachine(message),
+            ManagerError::InvalidDefinition { .. } => Error::InvalidDefinition(message),
+            ManagerError::AlreadyRunning(_) => Error::AlreadyRunning(message),
+            ManagerError::NotRunning(_) => Error::NotRunning(message),
+            ManagerError::NoSuchUser { .. } => Error::NoSuchUser(message),
+            ManagerError::Failed { .. } | ManagerError::Io(_) => Error::Failed(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zbus::DBusError;
+
+    #[test]
+    fn manager_errors_map_to_spec_names() {
+        let cases = [
+            (
+                ManagerError::InvalidName("x".into()),
+                "org.rmachines1.InvalidArgument",
+            ),
+            (
+                ManagerError::NoSuchMachine("x".into()),
+                "org.rmachines1.NoSuchMachine",
+            ),
+            (
+                ManagerError::InvalidDefinition {
+                    name: "x".into(),
+                    error: "bad".into(),
+                },
+                "org.rmachines1.InvalidDefinition",
+            ),
+            (
+                ManagerError::AlreadyRunning("x".into()),
+                "org.rmachines1.AlreadyRunning",
+            ),
+            (
+                ManagerError::NotRunning("x".into()),
+                "org.rmachines1.NotRunning",
+            ),
+            (
+                ManagerError::NoSuchUser {
+                    machine: "x".into(),
+                    user: "u".into(),
+                },
+                "org.rmachines1.NoSuchUser",
+            ),
+            (
+                ManagerError::Failed {
+                    name: "x".into(),
+                    message: "m".into(),
+                },
+                "org.rmachines1.Failed",
+            ),
+            (ManagerError::Io("io".into()), "org.rmachines1.Failed"),
+        ];
+        for (manager_error, name) in cases {
+            let sentence = manager_error.to_string();
+            let error = Error::from(manager_error);
+            assert_eq!(error.name().as_str(), name);
+            assert_eq!(error.description(), Some(sentence.as_str()));
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Client proxies for `org.rmachines1`, declared once and shared by
+//! `rmachinectl` and the tests.
+
+use zbus::zvariant::{OwnedFd, OwnedObjectPath};
+
+/// One entry of `List`: name, state, leader PID, object path.
+pub type MachineEntry = (String, String, u32, OwnedObjectPath);
+
+#[zbus::proxy(
+    interface = "org.rmachines1.Manager",
+    default_service = "org.rmachines1",
+    default_path = "/org/rmachines1"
+)]
+pub trait Manager {
+    fn list(&self) -> zbus::Result<Vec<MachineEntry>>;
+
+    fn get_machine(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+
+    fn start(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+
+    fn stop(&self, name: &str) -> zbus::Result<()>;
+
+    fn shell(
+        &self,
+        name: &str,
+        user: &str,
+        command: &[&str],
+        environment: &[&str],
+    ) -> zbus::Result<(OwnedFd, u32)>;
+
+    fn reload(&self) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    fn state_changed(&self, name: String, state: String) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    fn shell_exited(&self, session: u32, status: i32) -> zbus::Result<()>;
+}
+
+#[zbus::proxy(
+    interface = "org.rmachines1.Machine",
+    default_service = "org.rmachines1"
+)]
+pub trait Machine {
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+
+    #[zbus(property)]
+    fn leader(&self) -> zbus::Result<u32>;
+
+    #[zbus(property)]
+    fn root(&self) -> zbus::Result<String>;
+
+    #[zbus(property)]
+    fn definition(&self) -> zbus::Result<String>;
+
+    #[zbus(property)]
+    fn addresses(&self) -> zbus::Result<Vec<String>>;
+
+    #[zbus(property)]
+    fn autostart(&self) -> zbus::Result<bool>;
+
+    #[zbus(property)]
+    fn since(&self) -> zbus::Result<u64>;
+
+    #[zbus(property)]
+    fn error(&self) -> zbus::Result<String>;
+}

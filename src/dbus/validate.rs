@@ -1,0 +1,119 @@
+//! Checks on untrusted input from the bus, done before any path is built or
+//! the manager is asked.
+
+use super::error::Error;
+
+/// Longest argument echoed back in an error sentence.
+const ECHO_LIMIT: usize = 64;
+
+/// The SPEC's rule for names, shared with the definition loader.
+fn check_machine_name(name: &str) -> Result<(), String> {
+    crate::definition::validate_name(name).map_err(|err| err.to_string())
+}
+
+/// Rejects anything that is not a valid machine name with `InvalidArgument`.
+pub(crate) fn machine_name(name: &str) -> Result<(), Error> {
+    check_machine_name(name).map_err(|reason| {
+        Error::InvalidArgument(format!("invalid machine name {}: {reason}", echo(name)))
+    })
+}
+
+/// A user inside the machine: empty (root), a uid, or a POSIX-ish user name.
+pub(crate) fn user_name(user: &str) -> Result<(), Error> {
+    if user.is_empty() || (user.len() <= 10 && user.bytes().all(|b| b.is_ascii_digit())) {
+        return Ok(());
+    }
+    let valid = user.len() <= 32
+        && user
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid user name {}: use a uid or a name of letters, digits, '_', '-' and '.' (at most 32)",
+            echo(user)
+        )))
+    }
+}
+
+/// Each entry must be `KEY=VALUE` with a shell-style key.
+pub(crate) fn environment(entries: &[String]) -> Result<(), Error> {
+    for entry in entries {
+        let key = entry.split_once('=').map(|(key, _)| key);
+        let valid = key.is_some_and(|key| {
+            !key.is_empty()
+                && !key.starts_with(|c: char| c.is_ascii_digit())
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        });
+        if !valid {
+            return Err(Error::InvalidArgument(format!(
+                "invalid environment entry {}: expected KEY=VALUE with KEY of letters, digits and '_'",
+                echo(entry)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A bounded, escaped rendering of untrusted input for error sentences.
+fn echo(input: &str) -> String {
+    let shown: String = input.chars().take(ECHO_LIMIT).collect();
+    if shown.len() < input.len() {
+        format!("{shown:?}... ({} bytes)", input.len())
+    } else {
+        format!("{shown:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_names() {
+        for good in ["web", "a", "0", "web-1.lan", &"a".repeat(64)] {
+            assert!(check_machine_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            "..",
+            "a..b",
+            "-a",
+            ".a",
+            "Web",
+            "a\0b",
+            "a b",
+            &"a".repeat(65),
+            &"a".repeat(10_000),
+        ] {
+            assert!(check_machine_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn users_and_environment() {
+        assert!(user_name("").is_ok());
+        assert!(user_name("1000").is_ok());
+        assert!(user_name("www-data").is_ok());
+        assert!(user_name("../etc").is_err());
+        assert!(user_name("a\0").is_err());
+        assert!(environment(&["A=1".into(), "B_2=".into()]).is_ok());
+        assert!(environment(&["=1".into()]).is_err());
+        assert!(environment(&["A".into()]).is_err());
+        assert!(environment(&["1A=x".into()]).is_err());
+    }
+
+    #[test]
+    fn echo_is_bounded() {
+        let long = "x".repeat(10_000);
+        assert!(echo(&long).len() < 100);
+        assert_eq!(echo("a\0"), "\"a\\0\"");
+    }
+}

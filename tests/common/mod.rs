@@ -1,0 +1,302 @@
+//! Test harness: a private system-like `dbus-daemon` whose policy includes
+//! the project's `dbus/org.rmachines1.conf`, and the built `rmachined` on it
+//! with temporary config, state and storage directories. Both are killed and
+//! the directories removed on drop. Needs root; panics (never skips) if not.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests drive a real bus and a real rmachined and must run as root \
+         (CI runs them as root); run `sudo -E cargo test`"
+    );
+}
+
+pub struct Harness {
+    dir: TempDir,
+    bus: Child,
+    daemon: Option<Child>,
+    address: String,
+    notify: UnixDatagram,
+    notifications: Vec<String>,
+}
+
+impl Harness {
+    /// A bus and a daemon with an empty config directory.
+    pub fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    /// A bus and a daemon; `setup` fills the config directory first.
+    pub fn start_with(setup: impl FnOnce(&Path)) -> Self {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("rmachines-test-")
+            .tempdir()
+            .expect("create a temporary directory");
+        // Unprivileged test callers must reach the bus socket.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the temporary directory");
+        for sub in ["config", "state", "storage"] {
+            std::fs::create_dir(dir.path().join(sub)).expect("create a test directory");
+        }
+        setup(&dir.path().join("config"));
+
+        let socket = dir.path().join("bus");
+        let bus_config = dir.path().join("bus.conf");
+        std::fs::write(&bus_config, bus_config_xml(&socket)).expect("write the bus config");
+        let mut bus = Command::new("/usr/bin/dbus-daemon")
+            .arg(format!("--config-file={}", bus_config.display()))
+            .args(["--nofork", "--nopidfile", "--print-address"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dbus-daemon");
+        let mut line = String::new();
+        BufReader::new(bus.stdout.take().expect("dbus-daemon stdout"))
+            .read_line(&mut line)
+            .expect("read the bus address");
+        let address = line.trim().to_owned();
+        assert!(!address.is_empty(), "dbus-daemon printed no address");
+
+        let notify_path = dir.path().join("notify");
+        let notify = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
+        notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("notify socket timeout");
+
+        let log = std::fs::File::create(dir.path().join("rmachined.log")).expect("create log");
+        let daemon = Command::new(env!("CARGO_BIN_EXE_rmachined"))
+            .arg("--config-dir")
+            .arg(dir.path().join("config"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--storage-dir")
+            .arg(dir.path().join("storage"))
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("RUST_LOG", "debug")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("WATCHDOG_USEC")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start rmachined");
+
+        let mut harness = Harness {
+            dir,
+            bus,
+            daemon: Some(daemon),
+            address,
+            notify,
+            notifications: Vec::new(),
+        };
+        harness.wait_for_notification("READY=1", START_TIMEOUT);
+        harness
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("rmachined.log")).unwrap_or_default()
+    }
+
+    /// A client connection to the test bus.
+    pub async fn connection(&self) -> zbus::Connection {
+        zbus::connection::Builder::address(self.address.as_str())
+            .expect("a valid bus address")
+            .build()
+            .await
+            .expect("connect to the test bus")
+    }
+
+    pub fn rmachinectl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_rmachinectl"))
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run rmachinectl")
+    }
+
+    /// `busctl call` on the test bus; the debug log level makes busctl print
+    /// the error name of a failed call on stderr.
+    pub fn busctl_call(&self, args: &[&str]) -> Output {
+        self.busctl_command(&[])
+            .args(args)
+            .output()
+            .expect("run busctl")
+    }
+
+    /// `busctl call` as uid/gid 65534 without groups.
+    pub fn busctl_call_as_nobody(&self, args: &[&str]) -> Output {
+        self.busctl_command(&[
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+        ])
+        .args(args)
+        .output()
+        .expect("run busctl through setpriv")
+    }
+
+    fn busctl_command(&self, wrapper: &[&str]) -> Command {
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg("busctl");
+                command
+            }
+            None => Command::new("busctl"),
+        };
+        command
+            .arg(format!("--address={}", self.address))
+            .args(["call", "org.rmachines1"])
+            .env("SYSTEMD_LOG_LEVEL", "debug")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Waits until rmachined has sent `message` (e.g. `READY=1`) to the
+    /// notify socket; panics with the daemon's log after `timeout`.
+    pub fn wait_for_notification(&mut self, message: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self
+                .notifications
+                .iter()
+                .any(|datagram| datagram.lines().any(|line| line == message))
+            {
+                return;
+            }
+            let mut buffer = [0u8; 4096];
+            if let Ok(n) = self.notify.recv(&mut buffer) {
+                self.notifications
+                    .push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+            }
+            if let Some(daemon) = self.daemon.as_mut() {
+                if let Ok(Some(status)) = daemon.try_wait() {
+                    panic!(
+                        "rmachined exited ({status}) before sending {message}; log:\n{}",
+                        self.daemon_log()
+                    );
+                }
+            }
+        }
+        panic!(
+            "rmachined did not send {message} within {timeout:?}; got {:?}; log:\n{}",
+            self.notifications,
+            self.daemon_log()
+        );
+    }
+
+    pub fn notifications(&self) -> &[String] {
+        &self.notifications
+    }
+
+    /// Sends SIGTERM to rmachined and waits for it to exit.
+    pub fn terminate_daemon(&mut self) -> ExitStatus {
+        let mut daemon = self.daemon.take().expect("rmachined is running");
+        terminate(&mut daemon, Duration::from_secs(30))
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            terminate(&mut daemon, Duration::from_secs(10));
+        }
+        let _ = self.bus.kill();
+        let _ = self.bus.wait();
+        if std::thread::panicking() {
+            eprintln!("--- rmachined log ---\n{}", self.daemon_log());
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+fn terminate(child: &mut Child, grace: Duration) -> ExitStatus {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().expect("wait for the child")
+}
+
+/// A system-bus-like policy (deny by default, as the real system bus does)
+/// plus the project's own policy file, so the test exercises it.
+fn bus_config_xml(socket: &Path) -> String {
+    let project_policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("dbus/org.rmachines1.conf");
+    format!(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"#,
+        socket = socket.display(),
+        policy = project_policy.display(),
+    )
+}
+
+/// Writes `<config>/<name>.toml` with `root` and any extra TOML lines.
+pub fn write_definition(config: &Path, name: &str, root: &Path, extra: &str) {
+    std::fs::write(
+        config.join(format!("{name}.toml")),
+        format!("root = {:?}\n{extra}", root.display().to_string()),
+    )
+    .expect("write a definition");
+}
+
+/// The D-Bus error name of a failed zbus call.
+pub fn error_name(result: Result<impl std::fmt::Debug, zbus::Error>) -> String {
+    match result {
+        Err(zbus::Error::MethodError(name, _, _)) => name.to_string(),
+        other => panic!("expected a D-Bus method error, got {other:?}"),
+    }
+}
