@@ -180,9 +180,37 @@ fn spawn_watchdog() {
     });
 }
 
+/// Sends `states` to `$NOTIFY_SOCKET` without ever blocking: a manager that
+/// does not read its socket (a full queue) costs a lost STATUS line, never a
+/// stuck daemon, which a blocking `sd_notify` would give inside tokio.
 fn notify(states: &[sd_notify::NotifyState<'_>]) {
-    if let Err(error) = sd_notify::notify(false, states) {
-        tracing::warn!("cannot notify systemd: {error}");
+    use nix::sys::socket::{sendto, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let message: String = states.iter().map(|state| format!("{state}\n")).collect();
+    let path = path.to_string_lossy().into_owned();
+    let address = match path.strip_prefix('@') {
+        Some(abstract_name) => UnixAddr::new_abstract(abstract_name.as_bytes()),
+        None => UnixAddr::new(path.as_str()),
+    };
+    let result = address.and_then(|address| {
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        sendto(
+            sock.as_raw_fd(),
+            message.as_bytes(),
+            &address,
+            MsgFlags::MSG_DONTWAIT,
+        )
+    });
+    if let Err(error) = result {
+        tracing::warn!("cannot notify the service manager at {path}: {error}");
     }
 }
 

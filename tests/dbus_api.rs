@@ -1,9 +1,5 @@
 //! The org.rmachines1 API through a real bus and a real rmachined, driven
 //! with zbus, busctl and rmachinectl. Runs as root (panics otherwise).
-//!
-//! Tests marked `#[ignore = "needs the manager core ..."]` state what the
-//! finished core must give; they are ignored only while `Manager` is a stub.
-
 mod common;
 
 use std::time::Duration;
@@ -58,7 +54,6 @@ async fn manager_introspection_matches_the_xml_file() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the manager core: machines loaded from the config dir"]
 async fn machine_introspection_matches_the_xml_file() {
     let roots = tempfile::tempdir().unwrap();
     let harness = Harness::start_with(|config| write_definition(config, "web", roots.path(), ""));
@@ -104,7 +99,6 @@ async fn list_with_definitions_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the manager core: definitions, `failed` for a missing root"]
 async fn list_shows_definitions_and_a_broken_one_as_failed() {
     let roots = tempfile::tempdir().unwrap();
     let harness = Harness::start_with(|config| two_definitions(config, roots.path()));
@@ -253,7 +247,6 @@ fn rmachinectl_list_as_table_and_json() {
 }
 
 #[test]
-#[ignore = "needs the manager core: machines loaded from the config dir"]
 fn rmachinectl_list_and_status_show_definitions() {
     let roots = tempfile::tempdir().unwrap();
     let harness = Harness::start_with(|config| two_definitions(config, roots.path()));

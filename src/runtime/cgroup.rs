@@ -50,18 +50,12 @@ pub fn create_machine_cgroup(path: &Path, owner: u32) -> Result<(), RuntimeError
     if path.exists() {
         remove_machine_cgroup(path, Duration::from_secs(5))?;
     }
-    // Another machine's cleanup may remove the (then empty) parent between
-    // our mkdirs: try again.
-    let mut attempt = 0;
-    while let Err(source) = fs::create_dir_all(path) {
-        attempt += 1;
-        if attempt >= 5 || source.kind() != io::ErrorKind::NotFound {
-            return Err(RuntimeError::Io {
-                what: format!("creating cgroup {}", path.display()),
-                source,
-            });
-        }
-    }
+    // Serialised with the removal of the shared parent (see below).
+    let _lock = parent_lock()?;
+    fs::create_dir_all(path).map_err(|source| RuntimeError::Io {
+        what: format!("creating cgroup {}", path.display()),
+        source,
+    })?;
     let chown = |p: &Path| {
         std::os::unix::fs::chown(p, Some(owner), Some(owner)).map_err(|source| RuntimeError::Io {
             what: format!("delegating {} to host uid {owner}", p.display()),
@@ -78,6 +72,24 @@ pub fn create_machine_cgroup(path: &Path, owner: u32) -> Result<(), RuntimeError
     Ok(())
 }
 
+/// Host-wide lock for creating and removing the shared parent cgroup.
+const PARENT_LOCK: &str = "/run/lock/rmachines-cgroup.lock";
+
+fn parent_lock() -> Result<nix::fcntl::Flock<fs::File>, RuntimeError> {
+    let lock_path = Path::new(PARENT_LOCK);
+    if let Some(dir) = lock_path.parent() {
+        let _ = fs::create_dir_all(dir);
+    }
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path)
+        .map_err(RuntimeError::io(format!("opening {PARENT_LOCK}")))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| RuntimeError::io(format!("locking {PARENT_LOCK}"))(errno.into()))
+}
+
 /// Kills everything in the cgroup tree and removes it, innermost first.
 /// Waits up to `timeout` for the kernel to empty it.
 pub fn remove_machine_cgroup(path: &Path, timeout: Duration) -> Result<(), RuntimeError> {
@@ -90,9 +102,13 @@ pub fn remove_machine_cgroup(path: &Path, timeout: Duration) -> Result<(), Runti
     loop {
         match remove_tree(path) {
             Ok(()) => {
-                // The shared parent goes with the last machine (EBUSY otherwise).
+                // The shared parent goes with the last machine (EBUSY
+                // otherwise), under a lock so that it never disappears
+                // between another machine's two mkdirs.
                 if let Some(parent) = path.parent().filter(|p| p.ends_with(CGROUP_PARENT)) {
-                    let _ = fs::remove_dir(parent);
+                    if let Ok(_lock) = parent_lock() {
+                        let _ = fs::remove_dir(parent);
+                    }
                 }
                 return Ok(());
             }
@@ -115,7 +131,11 @@ pub fn remove_machine_cgroup(path: &Path, timeout: Duration) -> Result<(), Runti
 }
 
 fn remove_tree(path: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(path)? {
+    let entries = match fs::read_dir(path) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    for entry in entries {
         let entry = entry?;
         if entry.file_type()?.is_dir() {
             remove_tree(&entry.path())?;

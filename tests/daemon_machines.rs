@@ -1,0 +1,255 @@
+//! rmachined with real machines, driven through the bus with rmachinectl,
+//! busctl and zbus (as root). The D-Bus surface itself is in dbus_api.rs.
+
+mod common;
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{error_name, write_definition, Harness};
+use futures_util::StreamExt;
+use rmachines::dbus::proxy::ManagerProxy;
+
+const NO_NET: &str = "[network]\nmode = \"none\"\n";
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_ok(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}): {}{}",
+        out.status,
+        stdout(out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn state_of(h: &Harness, name: &str) -> String {
+    let out = h.rmachinectl(&["status", name, "--json"]);
+    assert_ok(&out, "status --json");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["state"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_shell_stop_through_rmachinectl_with_signals_in_order() {
+    let root = support::fixture("busybox");
+    let h = Harness::start_with(|c| write_definition(c, "bb", &root, NO_NET));
+    let conn = h.connection().await;
+    let manager = ManagerProxy::new(&conn).await.unwrap();
+    let mut changes = manager.receive_state_changed().await.unwrap();
+
+    assert_ok(&h.rmachinectl(&["start", "bb"]), "rmachinectl start");
+    assert_eq!(state_of(&h, "bb"), "running", "start returns once running");
+    let again = h.rmachinectl(&["start", "bb"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+
+    // Exit status and piped input through the shell.
+    let out = h.rmachinectl(&["shell", "bb", "--", "/bin/sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    let mut cat = Command::new(env!("CARGO_BIN_EXE_rmachinectl"))
+        .args(["shell", "bb", "--", "cat"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", h.address())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"hi through the pipe\n")
+        .unwrap();
+    let out = cat.wait_with_output().unwrap();
+    assert_ok(&out, "piped shell");
+    assert_eq!(stdout(&out).trim_end(), "hi through the pipe");
+    let out = h.rmachinectl(&[
+        "shell",
+        "bb",
+        "--uid",
+        "user",
+        "--setenv",
+        "GREETING=hello",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo $(id -u) $GREETING $HOME",
+    ]);
+    assert_ok(&out, "shell --uid");
+    assert_eq!(stdout(&out).trim(), "1000 hello /home/user");
+
+    assert_ok(&h.rmachinectl(&["stop", "bb"]), "rmachinectl stop");
+    assert_eq!(state_of(&h, "bb"), "stopped");
+    let stopped_again = h.rmachinectl(&["stop", "bb"]);
+    assert!(!stopped_again.status.success());
+
+    let mut seen = Vec::new();
+    while let Ok(Some(signal)) =
+        tokio::time::timeout(Duration::from_millis(500), changes.next()).await
+    {
+        let args = signal.args().unwrap();
+        assert_eq!(args.name(), "bb");
+        if seen.last() != Some(args.state()) {
+            seen.push(args.state().to_owned());
+        }
+    }
+    assert_eq!(seen, ["starting", "running", "stopping", "stopped"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn busctl_drives_list_start_shell_errors_stop_and_reload() {
+    let root = support::fixture("busybox");
+    let h = Harness::start_with(|c| write_definition(c, "viabus", &root, NO_NET));
+    let out = h.busctl_call(&[
+        "/org/rmachines1",
+        "org.rmachines1.Manager",
+        "Start",
+        "s",
+        "viabus",
+    ]);
+    assert_ok(&out, "busctl Start");
+    assert!(stdout(&out).contains("/org/rmachines1/machine/viabus"));
+    let out = h.busctl_call(&["/org/rmachines1", "org.rmachines1.Manager", "List"]);
+    assert_ok(&out, "busctl List");
+    assert!(stdout(&out).contains("\"viabus\""), "{}", stdout(&out));
+
+    let conn = h.connection().await;
+    let manager = ManagerProxy::new(&conn).await.unwrap();
+    assert_eq!(
+        error_name(manager.start("viabus").await),
+        "org.rmachines1.AlreadyRunning"
+    );
+    assert_eq!(
+        error_name(manager.shell("viabus", "nosuchuser", &[], &[]).await),
+        "org.rmachines1.NoSuchUser"
+    );
+    assert_eq!(
+        error_name(manager.start("../x").await),
+        "org.rmachines1.InvalidArgument"
+    );
+    assert_eq!(
+        error_name(manager.stop("unknown").await),
+        "org.rmachines1.NoSuchMachine"
+    );
+
+    assert_ok(
+        &h.busctl_call(&[
+            "/org/rmachines1",
+            "org.rmachines1.Manager",
+            "Stop",
+            "s",
+            "viabus",
+        ]),
+        "busctl Stop",
+    );
+    assert_eq!(
+        error_name(manager.stop("viabus").await),
+        "org.rmachines1.NotRunning"
+    );
+
+    // Reload: a new definition appears as an object, a removed one goes.
+    write_definition(&h.config_dir(), "later", &root, NO_NET);
+    assert_ok(
+        &h.busctl_call(&["/org/rmachines1", "org.rmachines1.Manager", "Reload"]),
+        "busctl Reload",
+    );
+    manager.get_machine("later").await.expect("added by Reload");
+    std::fs::remove_file(h.config_dir().join("later.toml")).unwrap();
+    assert_ok(&h.rmachinectl(&["reload"]), "rmachinectl reload");
+    assert_eq!(
+        error_name(manager.get_machine("later").await),
+        "org.rmachines1.NoSuchMachine"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_debian_guest_is_running_only_after_ready() {
+    let root = support::fixture("debian");
+    let h = Harness::start_with(|c| write_definition(c, "deb", &root, NO_NET));
+    let conn = h.connection().await;
+    let manager = ManagerProxy::new(&conn).await.unwrap();
+    // Start returns once init executes; systemd is not ready by then.
+    manager.start("deb").await.unwrap();
+    assert_eq!(state_of(&h, "deb"), "starting");
+    let mut running = false;
+    for _ in 0..600 {
+        if state_of(&h, "deb") == "running" {
+            running = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(running, "deb never reached running:\n{}", h.daemon_log());
+    // READY=1 comes when startup is complete: no longer "starting".
+    let out = h.rmachinectl(&["shell", "deb", "--", "systemctl", "is-system-running"]);
+    let state = stdout(&out).trim().to_owned();
+    assert!(
+        state == "running" || state == "degraded",
+        "is-system-running right after READY: {state}"
+    );
+    let out = h.rmachinectl(&["shell", "deb", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_ok(&h.rmachinectl(&["stop", "deb"]), "stop deb");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_machines_start_concurrently_and_sigterm_stops_them_all() {
+    let root = support::fixture("busybox");
+    let names: Vec<String> = (0..20).map(|i| format!("crowd-{i:02}")).collect();
+    let mut h = Harness::start_with(|c| {
+        for name in &names {
+            write_definition(c, name, &root, NO_NET);
+        }
+        write_definition(
+            c,
+            "broken",
+            std::path::Path::new("/nonexistent"),
+            "bogus = 1\n",
+        );
+    });
+    let mut args = vec!["start"];
+    args.extend(names.iter().map(String::as_str));
+    assert_ok(&h.rmachinectl(&args), "start 20");
+    let out = h.rmachinectl(&["list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 21);
+    for entry in list {
+        let name = entry["name"].as_str().unwrap();
+        let expected = if name == "broken" {
+            "failed"
+        } else {
+            "running"
+        };
+        assert_eq!(entry["state"], expected, "{entry}");
+    }
+    let status = h.rmachinectl(&["status", "broken"]);
+    assert!(
+        stdout(&status).contains("broken.toml"),
+        "{}",
+        stdout(&status)
+    );
+    let leaders: Vec<u64> = list
+        .iter()
+        .filter_map(|e| e["leader"].as_u64())
+        .filter(|l| *l > 0)
+        .collect();
+    assert_eq!(leaders.len(), 20);
+
+    let exit = h.terminate_daemon();
+    assert!(exit.success(), "rmachined exit: {exit:?}");
+    for pid in leaders {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "init {pid} survived"
+        );
+    }
+    for name in &names {
+        let cg = rmachines::runtime::cgroup::machine_cgroup_path(name).unwrap();
+        assert!(!cg.exists(), "{} left behind", cg.display());
+    }
+}
