@@ -253,3 +253,107 @@ async fn twenty_machines_start_concurrently_and_sigterm_stops_them_all() {
         assert!(!cg.exists(), "{} left behind", cg.display());
     }
 }
+
+/// Runs rmachinectl with a pty as its terminal; returns what it printed and
+/// the terminal's modes after it exited.
+fn shell_on_a_tty(
+    h: &Harness,
+    args: &[&str],
+    rows: u16,
+    cols: u16,
+    resize_to: Option<(u16, u16)>,
+) -> (String, nix::sys::termios::Termios, Option<i32>) {
+    use nix::pty::{openpty, Winsize};
+    use std::io::Read;
+    let size = Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = openpty(Some(&size), None).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rmachinectl"))
+        .args(args)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", h.address())
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    if let Some((rows, cols)) = resize_to {
+        std::thread::sleep(Duration::from_millis(600));
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+        unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&slave),
+                libc::TIOCSWINSZ,
+                &size,
+            )
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGWINCH,
+        )
+        .unwrap();
+    }
+    let status = child.wait().unwrap();
+    let modes = nix::sys::termios::tcgetattr(&slave).unwrap();
+    drop(slave);
+    let mut master = std::fs::File::from(pty.master);
+    let mut out = Vec::new();
+    let _ = master.read_to_end(&mut out);
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        modes,
+        status.code(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_on_a_terminal_passes_the_window_size_and_restores_the_mode() {
+    use nix::sys::termios::LocalFlags;
+    let root = support::fixture("busybox");
+    let h = Harness::start_with(|c| write_definition(c, "tty", &root, NO_NET));
+    assert_ok(&h.rmachinectl(&["start", "tty"]), "start");
+    let (out, modes, code) =
+        shell_on_a_tty(&h, &["shell", "tty", "--", "stty", "size"], 33, 111, None);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("33 111"), "window size not passed on: {out:?}");
+    assert!(
+        modes
+            .local_flags
+            .contains(LocalFlags::ICANON | LocalFlags::ECHO),
+        "terminal left in raw mode"
+    );
+
+    let (out, modes, code) = shell_on_a_tty(
+        &h,
+        &[
+            "shell",
+            "tty",
+            "--",
+            "/bin/sh",
+            "-c",
+            "sleep 2; stty size; exit 3",
+        ],
+        24,
+        80,
+        Some((40, 120)),
+    );
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains("40 120"), "SIGWINCH not passed on: {out:?}");
+    assert!(
+        modes
+            .local_flags
+            .contains(LocalFlags::ICANON | LocalFlags::ECHO),
+        "terminal left in raw mode"
+    );
+    assert_ok(&h.rmachinectl(&["stop", "tty"]), "stop");
+}
