@@ -2,6 +2,7 @@
 //! notifications to systemd, and an orderly shutdown on SIGTERM/SIGINT.
 //! The binary only parses flags and calls [`run`].
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -224,4 +225,20 @@ mod tests {
         assert_eq!(status_line(1), "1 machine running");
         assert_eq!(status_line(3), "3 machines running");
     }
+}
+
+/// The rmachines system service: boots and supervises machines and serves
+/// org.rmachines1 on the system bus.
+#[derive(Debug, clap::Parser)]
+#[command(name = "rmachined", version)]
+pub struct Args {
+    /// Directory of machine definitions (*.toml).
+    #[arg(long, default_value = "/etc/rmachines")]
+    pub config_dir: PathBuf,
+    /// Directory for runtime state.
+    #[arg(long, default_value = "/run/rmachines")]
+    pub state_dir: PathBuf,
+    /// Directory for persistent storage.
+    #[arg(long, default_value = "/var/lib/rmachines")]
+    pub storage_dir: PathBuf,
 }

@@ -1,26 +1,10 @@
 //! rmachined: the rmachines system service. See `rmachines::daemon`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use rmachines::daemon::Args;
 use rmachines::manager::ManagerConfig;
-
-/// The rmachines system service: boots and supervises machines and serves
-/// org.rmachines1 on the system bus.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// Directory of machine definitions (*.toml).
-    #[arg(long, default_value = "/etc/rmachines")]
-    config_dir: PathBuf,
-    /// Directory for runtime state.
-    #[arg(long, default_value = "/run/rmachines")]
-    state_dir: PathBuf,
-    /// Directory for persistent storage.
-    #[arg(long, default_value = "/var/lib/rmachines")]
-    storage_dir: PathBuf,
-}
 
 /// Hidden first arguments under which the runtime re-executes this binary.
 const INTERNAL_ROLES: [&str; 2] = ["__supervise", "__enter"];

@@ -24,7 +24,36 @@ pub fn require_root() {
     );
 }
 
+/// Which rmachined, rmachinectl and bus policy a harness uses.
+#[derive(Clone)]
+pub struct Install {
+    pub rmachined: PathBuf,
+    pub rmachinectl: PathBuf,
+    pub policy: PathBuf,
+}
+
+impl Install {
+    /// The binaries cargo built and the policy in the source tree.
+    pub fn built() -> Self {
+        Install {
+            rmachined: env!("CARGO_BIN_EXE_rmachined").into(),
+            rmachinectl: env!("CARGO_BIN_EXE_rmachinectl").into(),
+            policy: Path::new(env!("CARGO_MANIFEST_DIR")).join("dbus/org.rmachines1.conf"),
+        }
+    }
+
+    /// What the package installed, where the SPEC says.
+    pub fn system() -> Self {
+        Install {
+            rmachined: "/usr/bin/rmachined".into(),
+            rmachinectl: "/usr/bin/rmachinectl".into(),
+            policy: "/usr/share/dbus-1/system.d/org.rmachines1.conf".into(),
+        }
+    }
+}
+
 pub struct Harness {
+    install: Install,
     dir: TempDir,
     bus: Child,
     daemon: Option<Child>,
@@ -41,6 +70,11 @@ impl Harness {
 
     /// A bus and a daemon; `setup` fills the config directory first.
     pub fn start_with(setup: impl FnOnce(&Path)) -> Self {
+        Self::start_installed(Install::built(), setup)
+    }
+
+    /// A bus and a daemon from `install`; `setup` fills the config directory.
+    pub fn start_installed(install: Install, setup: impl FnOnce(&Path)) -> Self {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("rmachines-test-")
@@ -56,7 +90,8 @@ impl Harness {
 
         let socket = dir.path().join("bus");
         let bus_config = dir.path().join("bus.conf");
-        std::fs::write(&bus_config, bus_config_xml(&socket)).expect("write the bus config");
+        std::fs::write(&bus_config, bus_config_xml(&socket, &install.policy))
+            .expect("write the bus config");
         let mut bus = Command::new("/usr/bin/dbus-daemon")
             .arg(format!("--config-file={}", bus_config.display()))
             .args(["--nofork", "--nopidfile", "--print-address"])
@@ -78,7 +113,7 @@ impl Harness {
             .expect("notify socket timeout");
 
         let log = std::fs::File::create(dir.path().join("rmachined.log")).expect("create log");
-        let daemon = Command::new(env!("CARGO_BIN_EXE_rmachined"))
+        let daemon = Command::new(&install.rmachined)
             .arg("--config-dir")
             .arg(dir.path().join("config"))
             .arg("--state-dir")
@@ -96,6 +131,7 @@ impl Harness {
             .expect("start rmachined");
 
         let mut harness = Harness {
+            install,
             dir,
             bus,
             daemon: Some(daemon),
@@ -129,7 +165,7 @@ impl Harness {
     }
 
     pub fn rmachinectl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_rmachinectl"))
+        Command::new(&self.install.rmachinectl)
             .args(args)
             .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
             .stdin(Stdio::null())
@@ -252,8 +288,7 @@ fn terminate(child: &mut Child, grace: Duration) -> ExitStatus {
 
 /// A system-bus-like policy (deny by default, as the real system bus does)
 /// plus the project's own policy file, so the test exercises it.
-fn bus_config_xml(socket: &Path) -> String {
-    let project_policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("dbus/org.rmachines1.conf");
+fn bus_config_xml(socket: &Path, project_policy: &Path) -> String {
     format!(
         r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
