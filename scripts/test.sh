@@ -11,4 +11,5 @@ scripts/install-deps.sh
 mkdir -p /var/tmp/rmachines-fixtures
 tests/fixtures/make-rootfs.sh busybox /var/tmp/rmachines-fixtures/busybox
 tests/fixtures/make-rootfs.sh debian /var/tmp/rmachines-fixtures/debian
+tests/fixtures/make-rootfs.sh debian-polkit /var/tmp/rmachines-fixtures/debian-polkit
 cargo test --all-targets "$@"

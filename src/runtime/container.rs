@@ -269,10 +269,19 @@ fn idmapped_tree(
         attrs |= libc::MOUNT_ATTR_RDONLY;
     }
     sys::mount_setattr_tree(tree.as_fd(), attrs, Some(userns)).map_err(|source| {
-        RuntimeError::NoIdmap {
-            path: path.to_owned(),
-            fs_type: fs_type_name(path),
-            source,
+        let (path, fs_type) = (path.to_owned(), fs_type_name(path));
+        if source.raw_os_error() == Some(libc::EPERM) {
+            RuntimeError::IdmapRefused {
+                path,
+                fs_type,
+                source,
+            }
+        } else {
+            RuntimeError::NoIdmap {
+                path,
+                fs_type,
+                source,
+            }
         }
     })?;
     Ok(tree)

@@ -72,6 +72,13 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("idmapping {path} ({fs_type}) was refused: {source}; only the user namespace that owns the file system (the host's, for a disk file system) may idmap it, so rmachined cannot boot machines from it while running inside a container itself")]
+    IdmapRefused {
+        path: PathBuf,
+        fs_type: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("machine root {root} has no executable {command} (the machine's command[0]); install an init there or set `command` in the definition")]
     NoInit { root: PathBuf, command: String },
     #[error("the container's init failed before exec: {0}")]
