@@ -31,6 +31,7 @@ impl Env {
                 config_dir: config,
                 state_dir: dirs.path().join("run"),
                 storage_dir: dirs.path().join("lib"),
+                network: test_network_config(),
             },
             helper_binary().into(),
         )
