@@ -235,40 +235,34 @@ fn address_is_stable_across_restarts() {
 /// a veth pair; removed on drop.
 struct ClientNetns {
     name: &'static str,
+    host_veth: &'static str,
     host_ip: IpAddr,
 }
 
 impl ClientNetns {
-    fn create() -> ClientNetns {
-        let name = "rmt-client";
+    /// `n` (0..64) keeps parallel tests' namespaces and subnets apart.
+    fn create(name: &'static str, host_veth: &'static str, n: u8) -> ClientNetns {
         let _ = Command::new("ip").args(["netns", "del", name]).status();
-        let _ = Command::new("ip")
-            .args(["link", "del", "rmt-cli-h"])
-            .status();
+        let _ = Command::new("ip").args(["link", "del", host_veth]).status();
+        let host_cidr = format!("10.220.0.{}/30", 4 * n + 1);
+        let client_cidr = format!("10.220.0.{}/30", 4 * n + 2);
+        let host_ip = format!("10.220.0.{}", 4 * n + 1);
         let client = ClientNetns {
             name,
-            host_ip: "10.220.0.1".parse().unwrap(),
+            host_veth,
+            host_ip: host_ip.parse().unwrap(),
         };
         for args in [
             vec!["netns", "add", name],
             vec![
-                "link",
-                "add",
-                "rmt-cli-h",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                name,
+                "link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", name,
             ],
-            vec!["addr", "add", "10.220.0.1/30", "dev", "rmt-cli-h"],
-            vec!["link", "set", "rmt-cli-h", "up"],
-            vec!["-n", name, "addr", "add", "10.220.0.2/30", "dev", "eth0"],
+            vec!["addr", "add", &host_cidr, "dev", host_veth],
+            vec!["link", "set", host_veth, "up"],
+            vec!["-n", name, "addr", "add", &client_cidr, "dev", "eth0"],
             vec!["-n", name, "link", "set", "eth0", "up"],
             vec!["-n", name, "link", "set", "lo", "up"],
-            vec!["-n", name, "route", "add", "default", "via", "10.220.0.1"],
+            vec!["-n", name, "route", "add", "default", "via", &host_ip],
         ] {
             let status = Command::new("ip").args(&args).status().unwrap();
             assert!(status.success(), "ip {args:?}");
@@ -295,7 +289,7 @@ impl Drop for ClientNetns {
             .args(["netns", "del", self.name])
             .status();
         let _ = Command::new("ip")
-            .args(["link", "del", "rmt-cli-h"])
+            .args(["link", "del", self.host_veth])
             .status();
     }
 }
@@ -324,7 +318,7 @@ fn published_port_is_shared_by_running_machines() {
     let loopback: SocketAddr = "127.0.0.1:18080".parse().unwrap();
     assert_eq!(answers(loopback, 9), all, "from 127.0.0.1");
 
-    let client = ClientNetns::create();
+    let client = ClientNetns::create("rmt-client", "rmt-cli-h", 0);
     let from_other_host = SocketAddr::new(client.host_ip, 18080);
     let seen = client.run(move || answers(from_other_host, 9));
     assert_eq!(seen, all, "from another host");
@@ -433,4 +427,40 @@ fn bad_network_input_is_rejected_naming_the_key() {
         assert!(!links().contains(&veth), "{veth} exists");
     }
     assert!(links_before.iter().all(|l| !l.starts_with("ve-nw-bad")));
+}
+
+#[test]
+fn nat_masquerades_traffic_leaving_the_host() {
+    let root = fixture("busybox");
+    let mut def = private_definition("nw-nat", &root);
+    def.network.nat = true;
+    let m = boot(def);
+    let outside = ClientNetns::create("rmt-outside", "rmt-out-h", 1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let path = format!("/run/netns/{}", outside.name);
+    let server = std::thread::spawn(move || {
+        let ns = std::fs::File::open(path).unwrap();
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let listener = std::net::TcpListener::bind("10.220.0.6:9099").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        ready_tx.send(()).unwrap();
+        for _ in 0..100 {
+            if let Ok((_, peer)) = listener.accept() {
+                return Some(peer.ip());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    });
+    ready_rx.recv().unwrap();
+    m.sh("(echo hi | timeout 10 nc 10.220.0.6 9099 >/dev/null 2>&1 &)");
+    let peer = server.join().unwrap();
+    // The outside host sees the host's address, not the machine's.
+    assert_eq!(peer, Some(outside.host_ip));
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .unwrap()
+            .trim(),
+        "1"
+    );
 }
