@@ -241,4 +241,41 @@ pub struct Args {
     /// Directory for persistent storage.
     #[arg(long, default_value = "/var/lib/rmachines")]
     pub storage_dir: PathBuf,
+    /// The bridge rmachined creates for machines with private networking.
+    #[arg(long, default_value = "rm-br0")]
+    pub bridge: String,
+    /// The machines' IPv4 subnet; the host holds its first address.
+    #[arg(long, default_value = "10.213.0.0/16")]
+    pub ipv4_subnet: crate::network::Ipv4Cidr,
+    /// The machines' IPv6 subnet (ULA), or "none".
+    #[arg(long, default_value = "fd6d:6163:6869:6e65::/64")]
+    pub ipv6_subnet: String,
+    /// The nftables table (family inet) that holds all of rmachined's rules.
+    #[arg(long, default_value = "rmachines")]
+    pub nft_table: String,
+}
+
+impl Args {
+    /// The manager's configuration from the flags.
+    pub fn manager_config(self) -> Result<ManagerConfig, String> {
+        let ipv6_subnet = match self.ipv6_subnet.as_str() {
+            "none" => None,
+            text => Some(
+                text.parse()
+                    .map_err(|err| format!("--ipv6-subnet {text:?}: {err}"))?,
+            ),
+        };
+        Ok(ManagerConfig {
+            network: crate::network::NetworkConfig {
+                bridge: self.bridge,
+                ipv4_subnet: self.ipv4_subnet,
+                ipv6_subnet,
+                table: self.nft_table,
+                runtime_dir: self.state_dir.join("network"),
+            },
+            config_dir: self.config_dir,
+            state_dir: self.state_dir,
+            storage_dir: self.storage_dir,
+        })
+    }
 }

@@ -3,6 +3,7 @@
 //! Layers, from the bottom up:
 //! - [`definition`], parse and validate `/etc/rmachines/*.toml` into plain data.
 //! - [`runtime`], namespaces, mounts, id maps, cgroups, the per-machine supervisor.
+//! - [`network`], bridge, veth, addresses and nftables rules for private networking.
 //! - [`manager`], machine state and supervision for the daemon.
 //! - [`dbus`], the `org.rmachines1` bus face; no container logic.
 //! - [`daemon`], rmachined's orchestration (bus, sd-notify, signals).
@@ -13,4 +14,5 @@ pub mod daemon;
 pub mod dbus;
 pub mod definition;
 pub mod manager;
+pub mod network;
 pub mod runtime;

@@ -14,6 +14,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::definition::{load_dir, validate_name, Definition};
+use crate::network::{self, NetworkConfig};
 use crate::runtime::idrange::{self, HostIdFiles};
 use crate::runtime::protocol::{now_usec, Command, Status};
 use crate::runtime::{self, cgroup, enter, paths, supervisor, MachinePlan};
@@ -59,6 +60,8 @@ pub struct ManagerConfig {
     pub config_dir: PathBuf,
     pub state_dir: PathBuf,
     pub storage_dir: PathBuf,
+    /// Bridge, subnets and nftables table for private networking.
+    pub network: NetworkConfig,
 }
 
 /// A shell session started by [`Manager::shell`].
@@ -180,6 +183,9 @@ impl Manager {
         for name in names {
             manager.adopt(&name).await;
         }
+        // After adoption: what running supervisors own stays, what a dead
+        // instance left behind goes.
+        manager.cleanup_network().await;
         Ok(manager)
     }
 
@@ -222,11 +228,13 @@ impl Manager {
             .ok()
             .and_then(|d| serde_json::from_slice::<MachinePlan>(&d).ok());
         tracing::info!(machine = name, "re-adopting a running machine");
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.plan = plan;
+        }
         let link = self.follow(name, stream);
         let mut status = link.status.clone();
         if let Some(entry) = self.lock().get_mut(name) {
             entry.supervisor = Some(link);
-            entry.plan = plan;
         }
         // The supervisor greets with its status: have it before serving.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), status.changed()).await;
@@ -297,9 +305,20 @@ impl Manager {
             let Some(entry) = machines.get_mut(name) else {
                 return;
             };
+            let addresses = match (&entry.plan, status.state.is_active()) {
+                (Some(plan), true) => plan
+                    .network
+                    .as_ref()
+                    .map(|net| net.addresses())
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
             let info = &mut entry.info;
             let changed_state = info.state != status.state;
-            let changed_other = info.leader != status.leader || info.error != status.error;
+            let changed_other = info.leader != status.leader
+                || info.error != status.error
+                || info.addresses != addresses;
+            info.addresses = addresses;
             info.state = status.state;
             info.leader = status.leader;
             if status.state != MachineState::Stopped || info.error.is_empty() || changed_state {
@@ -429,11 +448,14 @@ impl Manager {
                 &HostIdFiles::default(),
             )
             .map_err(|e| e.to_string())?;
+            let network = network::plan_network(&definition, &config.network, &config.storage_dir)
+                .map_err(|e| e.to_string())?;
             let plan = MachinePlan {
                 ids,
                 machine_dir: runtime::machine_dir(&config.state_dir, &owned_name),
                 cgroup: cgroup::machine_cgroup_path(&owned_name).map_err(|e| e.to_string())?,
                 definition,
+                network,
             };
             // A machine root without init fails here with a clear sentence.
             runtime::container::inspect_init(&plan).map_err(|e| e.to_string())?;
@@ -447,11 +469,14 @@ impl Manager {
         let stream = UnixStream::connect(plan.machine_dir.join(paths::CONTROL))
             .await
             .map_err(|e| failed(format!("connecting to the supervisor: {e}")))?;
+        // The plan goes in first so the first status already shows the addresses.
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.plan = Some(plan);
+        }
         let link = self.follow(name, stream);
         let status = link.status.clone();
         if let Some(entry) = self.lock().get_mut(name) {
             entry.supervisor = Some(link);
-            entry.plan = Some(plan);
         }
         Ok(status)
     }
@@ -740,6 +765,19 @@ impl Manager {
             });
         }
         while tasks.join_next().await.is_some() {}
+        self.cleanup_network().await;
+    }
+
+    /// Removes network leftovers no running supervisor owns (links, the
+    /// table and the bridge when nothing runs, IPv4 forwarding restored).
+    async fn cleanup_network(&self) {
+        let config = self.inner.config.network.clone();
+        let result = tokio::task::spawn_blocking(move || network::firewall::cleanup(&config)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(%err, "cleaning up the network"),
+            Err(err) => tracing::warn!(%err, "cleaning up the network"),
+        }
     }
 
     /// How many machines are running (for the daemon's status line).

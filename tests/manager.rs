@@ -31,6 +31,7 @@ impl Env {
                 config_dir: config,
                 state_dir: dirs.path().join("run"),
                 storage_dir: dirs.path().join("lib"),
+                network: test_network_config(),
             },
             helper_binary().into(),
         )
@@ -269,6 +270,7 @@ async fn a_new_daemon_readopts_machines_that_outlived_the_old_one() {
         config_dir: env.dirs.path().join("etc"),
         state_dir: env.dirs.path().join("run"),
         storage_dir: env.dirs.path().join("lib"),
+        network: test_network_config(),
     };
     let second = Manager::with_helper(config, helper_binary().into())
         .await

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rmachines::daemon::Args;
-use rmachines::manager::ManagerConfig;
 
 /// Hidden first arguments under which the runtime re-executes this binary.
 const INTERNAL_ROLES: [&str; 2] = ["__supervise", "__enter"];
@@ -40,10 +39,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config = ManagerConfig {
-        config_dir: args.config_dir,
-        state_dir: args.state_dir,
-        storage_dir: args.storage_dir,
+    let config = match args.manager_config() {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!("{error}");
+            return ExitCode::FAILURE;
+        }
     };
     match runtime.block_on(rmachines::daemon::run(config)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -217,6 +217,15 @@ fn parent_setup(
     let userns = File::open(format!("/proc/{pid}/ns/user"))
         .map_err(RuntimeError::io("opening the machine's user namespace"))?;
 
+    // The child waits for its root below, so init cannot run before its
+    // network is in place.
+    match &plan.network {
+        Some(net) => {
+            crate::network::firewall::join(net, || crate::network::link::setup_private(net, pid))?
+        }
+        None => crate::network::link::setup_loopback_only(plan.name(), pid)?,
+    }
+
     let def = &plan.definition;
     let mut trees = vec![idmapped_tree(&def.root, def.read_only, userns.as_fd())?];
     for bind in &def.binds {
@@ -363,6 +372,7 @@ fn child_main(
     mount_dev(root, res.console_slave)?;
     mount_run(root, res.host_dir)?;
     set_machine_id(plan, root)?;
+    set_resolv_conf(plan, root)?;
 
     pivot_into(&new_root)?;
     nix::unistd::sethostname(&plan.definition.hostname)
@@ -725,6 +735,33 @@ fn mount_run(root: BorrowedFd<'_>, host_dir: &Path) -> Result<(), RuntimeError> 
     bind(root, host_dir, "/run/host", true, true)?;
     // Some guests expect /run/lock; systemd creates the rest itself.
     ensure_in_root(root, Path::new("/run/lock"), true).map(drop)
+}
+
+/// Gives a private machine whose /etc/resolv.conf is missing or empty the
+/// generated one from /run/host (read-only). A symlink, even a dangling
+/// one, belongs to the guest's own resolver and is left alone.
+fn set_resolv_conf(plan: &MachinePlan, root: BorrowedFd<'_>) -> Result<(), RuntimeError> {
+    if plan.network.is_none() {
+        return Ok(());
+    }
+    let etc = plan.machine_dir.join(paths::ROOT_MOUNT).join("etc");
+    let own = match fs::symlink_metadata(etc.join("resolv.conf")) {
+        Ok(meta) => meta.file_type().is_symlink() || meta.len() > 0,
+        Err(_) => false,
+    };
+    if own || !etc.is_dir() {
+        return Ok(());
+    }
+    if plan.definition.read_only
+        && sys::open_in_root(root, Path::new("/etc/resolv.conf"), libc::O_PATH).is_err()
+    {
+        return Ok(());
+    }
+    let file = plan
+        .machine_dir
+        .join(paths::HOST_DIR)
+        .join(paths::RESOLV_CONF);
+    bind(root, &file, "/etc/resolv.conf", false, true)
 }
 
 /// Gives the guest the machine id of [`machine_id`] when its own

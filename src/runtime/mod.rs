@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::definition::Definition;
+use crate::network::NetworkPlan;
 use idrange::IdRange;
 
 /// Everything a supervisor needs to boot one machine, written by the manager
@@ -28,6 +29,9 @@ pub struct MachinePlan {
     pub machine_dir: PathBuf,
     /// The machine's cgroup directory in the cgroup2 hierarchy.
     pub cgroup: PathBuf,
+    /// Private networking; None for `mode = "none"` (only `lo`).
+    #[serde(default)]
+    pub network: Option<NetworkPlan>,
 }
 
 impl MachinePlan {
@@ -48,6 +52,9 @@ pub mod paths {
     pub const NOTIFY: &str = "notify";
     /// The (empty) directory the new root is assembled on.
     pub const ROOT_MOUNT: &str = "root";
+    /// Generated resolver configuration in the host dir, bind-mounted on a
+    /// guest's missing or empty /etc/resolv.conf.
+    pub const RESOLV_CONF: &str = "resolv.conf";
 }
 
 /// `<state_dir>/machines/<name>`.
@@ -85,6 +92,8 @@ pub enum RuntimeError {
     Child(String),
     #[error(transparent)]
     IdRange(#[from] idrange::IdRangeError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
 }
 
 impl RuntimeError {

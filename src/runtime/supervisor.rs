@@ -338,6 +338,13 @@ impl Supervisor {
         drop(notify);
         let _ = fs::remove_file(host_dir.join(paths::NOTIFY));
         let cleanup = cgroup::remove_machine_cgroup(&self.plan.cgroup, Duration::from_secs(10));
+        if let Some(net) = &self.plan.network {
+            // Idempotent: also right when the boot failed before or while
+            // the network was joined.
+            if let Err(err) = crate::network::firewall::leave(net) {
+                tracing::warn!(machine = self.plan.name(), %err, "removing the machine's network");
+            }
+        }
         drop(console);
         let outcome = outcome?;
         cleanup?;
@@ -641,6 +648,13 @@ fn prepare_host_dir(plan: &MachinePlan, host_dir: &Path) -> Result<(), RuntimeEr
     let id = container::machine_id(plan);
     fs::write(host_dir.join("machine-id"), format!("{id}\n"))
         .map_err(RuntimeError::io("writing machine-id"))?;
+    if plan.network.is_some() {
+        fs::write(
+            host_dir.join(paths::RESOLV_CONF),
+            crate::network::resolv_conf(),
+        )
+        .map_err(RuntimeError::io("writing resolv.conf"))?;
+    }
     Ok(())
 }
 

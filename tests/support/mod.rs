@@ -7,9 +7,33 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use rmachines::definition::*;
+use rmachines::network::{self, NetworkConfig};
 use rmachines::runtime::idrange::IdRange;
 use rmachines::runtime::protocol::{Client, Command as Control, MachineState, Status};
 use rmachines::runtime::{self, paths, MachinePlan};
+
+/// Where the tests keep the address registry (shared by all test machines,
+/// so parallel tests get distinct addresses).
+pub const TEST_NET_STORAGE: &str = "/run/rmachines-test/storage";
+
+/// The daemon network configuration the tests use: its own bridge, subnets,
+/// table and registry, so tests never touch a real rmachined's.
+pub fn test_network_config() -> NetworkConfig {
+    NetworkConfig {
+        bridge: "rmt-br0".into(),
+        ipv4_subnet: "10.219.0.0/16".parse().unwrap(),
+        ipv6_subnet: Some("fd6d:7465:7374::/64".parse().unwrap()),
+        table: "rmachines_test".into(),
+        runtime_dir: PathBuf::from("/run/rmachines-test/network"),
+    }
+}
+
+/// A definition with private networking on the test bridge.
+pub fn private_definition(name: &str, root: &Path) -> Definition {
+    let mut def = definition(name, root);
+    def.network.mode = NetworkMode::Private;
+    def
+}
 
 pub const FIXTURES: &str = "/var/tmp/rmachines-fixtures";
 
@@ -109,6 +133,12 @@ impl TestMachine {
             ids: test_ids(&name),
             machine_dir: runtime::machine_dir(state_dir.path(), &name),
             cgroup: runtime::cgroup::machine_cgroup_path(&format!("test-{name}")).expect("cgroup2"),
+            network: network::plan_network(
+                &def,
+                &test_network_config(),
+                Path::new(TEST_NET_STORAGE),
+            )
+            .expect("network plan"),
             definition: def,
         };
         let supervisor =
@@ -127,8 +157,9 @@ impl TestMachine {
         match self.client.wait_for(timeout, |s| s.state == state) {
             Ok(Some(status)) => status,
             other => panic!(
-                "machine {} never reached {state}: {other:?}\nconsole:\n{}\nsupervisor log:\n{}",
+                "machine {} never reached {state}: {other:?} (last {:?})\nconsole:\n{}\nsupervisor log:\n{}",
                 self.plan.name(),
+                self.client.last,
                 self.console(),
                 std::fs::read_to_string(self.plan.machine_dir.join(paths::SUPERVISOR_LOG))
                     .unwrap_or_default()

@@ -1,0 +1,481 @@
+//! Membership of running private machines and the one nftables table that
+//! serves them (NAT, published ports, the loopback guard).
+//!
+//! Every supervisor of a private machine registers in
+//! `<runtime_dir>/members.json` (under an flock) while its machine runs.
+//! Whenever membership changes, the table is rebuilt whole from the registry
+//! in one atomic `nft -j -f -` transaction, so a port shared by several
+//! machines always rotates over exactly the running ones, and no rule of
+//! anyone else's table is ever touched.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{link, NetworkError, NetworkPlan};
+use crate::definition::{PortSpec, Protocol};
+
+const MEMBERS_FILE: &str = "members.json";
+const LOCK_FILE: &str = "members.lock";
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    /// net.ipv4.ip_forward before rmachined turned it on; restored when no
+    /// running machine needs forwarding any more.
+    saved_ip_forward: Option<String>,
+    members: BTreeMap<String, Member>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Member {
+    /// The supervisor that owns the machine's links; a member whose
+    /// supervisor is gone is a leftover of a crash.
+    supervisor: u32,
+    plan: NetworkPlan,
+}
+
+fn fw_err(machine: &str, message: String) -> NetworkError {
+    NetworkError::Firewall {
+        machine: machine.to_owned(),
+        message,
+    }
+}
+
+struct Registry {
+    dir: PathBuf,
+    machine: String,
+    _lock: Flock<File>,
+}
+
+impl Registry {
+    fn open(dir: &Path, machine: &str) -> Result<Registry, NetworkError> {
+        let io_err = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| NetworkError::Io {
+                machine: machine.to_owned(),
+                action,
+                path,
+                source,
+            }
+        };
+        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("open", &lock_path))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io_err("lock", &lock_path)(errno.into()))?;
+        Ok(Registry {
+            dir: dir.to_path_buf(),
+            machine: machine.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    fn read(&self) -> State {
+        // An unreadable registry is treated as empty: the table is rebuilt
+        // from what is written next, and stale links are found by name.
+        fs::read_to_string(self.dir.join(MEMBERS_FILE))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    fn write(&self, state: &State) -> Result<(), NetworkError> {
+        let path = self.dir.join(MEMBERS_FILE);
+        let tmp = self.dir.join(format!("{MEMBERS_FILE}.tmp"));
+        let json = serde_json::to_vec_pretty(state).unwrap_or_default();
+        fs::write(&tmp, json)
+            .and_then(|()| fs::rename(&tmp, &path))
+            .map_err(|source| NetworkError::Io {
+                machine: self.machine.clone(),
+                action: "write",
+                path,
+                source,
+            })
+    }
+}
+
+fn supervisor_alive(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmd| cmd.split(|b| *b == 0).any(|arg| arg == b"__supervise"))
+        .unwrap_or(false)
+}
+
+/// Drops members whose supervisor is gone and deletes their veths.
+fn prune(state: &mut State) {
+    let dead: Vec<String> = state
+        .members
+        .iter()
+        .filter(|(_, m)| !supervisor_alive(m.supervisor))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in dead {
+        if let Some(member) = state.members.remove(&name) {
+            tracing::info!(machine = %name, "removing the network of a machine whose supervisor is gone");
+            let _ = link::delete_link(&name, &member.plan.host_veth);
+        }
+    }
+}
+
+/// Rejects published ports that clash with a running machine's: the same
+/// protocol and host port must lead to the same machine port.
+pub fn check_ports(
+    machine: &str,
+    ports: &[PortSpec],
+    runtime_dir: &Path,
+) -> Result<(), NetworkError> {
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let registry = Registry::open(runtime_dir, machine)?;
+    let state = registry.read();
+    for port in ports {
+        for (other, member) in &state.members {
+            if other == machine || !supervisor_alive(member.supervisor) {
+                continue;
+            }
+            if let Some(theirs) = member.plan.ports.iter().find(|p| {
+                p.protocol == port.protocol
+                    && p.host_port == port.host_port
+                    && p.machine_port != port.machine_port
+            }) {
+                return Err(NetworkError::Invalid {
+                    machine: machine.to_owned(),
+                    key: "network.ports",
+                    reason: format!(
+                        "{port} clashes with {theirs} of running machine {other}: machines \
+                         sharing a host port must publish it to the same machine port; use \
+                         another host port or the same machine port"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Registers the machine, runs `wire` (creating its links) and rebuilds the
+/// table, all under the registry lock. On failure nothing of the machine's
+/// stays behind.
+pub fn join(
+    plan: &NetworkPlan,
+    wire: impl FnOnce() -> Result<(), NetworkError>,
+) -> Result<(), NetworkError> {
+    let registry = Registry::open(&plan.runtime_dir, &plan.machine)?;
+    let mut state = registry.read();
+    prune(&mut state);
+    state.members.insert(
+        plan.machine.clone(),
+        Member {
+            supervisor: std::process::id(),
+            plan: plan.clone(),
+        },
+    );
+    let result = wire().and_then(|()| apply(&plan.machine, &plan.table, &mut state));
+    if let Err(err) = result {
+        state.members.remove(&plan.machine);
+        let _ = link::delete_link(&plan.machine, &plan.host_veth);
+        let _ = apply(&plan.machine, &plan.table, &mut state);
+        remove_unused_bridge(plan, &state);
+        let _ = registry.write(&state);
+        return Err(err);
+    }
+    registry.write(&state)
+}
+
+/// Unregisters the machine, deletes its veth, rebuilds (or removes) the
+/// table, and removes the managed bridge when no machine uses it any more.
+pub fn leave(plan: &NetworkPlan) -> Result<(), NetworkError> {
+    let registry = Registry::open(&plan.runtime_dir, &plan.machine)?;
+    let mut state = registry.read();
+    state.members.remove(&plan.machine);
+    prune(&mut state);
+    let deleted = link::delete_link(&plan.machine, &plan.host_veth);
+    let applied = apply(&plan.machine, &plan.table, &mut state);
+    remove_unused_bridge(plan, &state);
+    registry.write(&state)?;
+    deleted?;
+    applied
+}
+
+/// Daemon start (after a crash) and daemon exit: drops members whose
+/// supervisor is gone, deletes their links and any `ve-*` link no running
+/// supervisor owns, and rebuilds the table (removing it and the managed
+/// bridge when nothing runs).
+pub fn cleanup(config: &super::NetworkConfig) -> Result<(), NetworkError> {
+    let registry = Registry::open(&config.runtime_dir, "-")?;
+    let mut state = registry.read();
+    prune(&mut state);
+    let owned: BTreeSet<String> = state
+        .members
+        .values()
+        .map(|m| m.plan.host_veth.clone())
+        .collect();
+    for name in link::link_names()? {
+        if name.starts_with(super::VETH_PREFIX) && !owned.contains(&name) {
+            tracing::info!(link = %name, "removing a leftover machine link");
+            let _ = link::delete_link("-", &name);
+        }
+    }
+    let result = apply("-", &config.table, &mut state);
+    let uses_bridge = state
+        .members
+        .values()
+        .any(|m| m.plan.bridge == config.bridge);
+    if !uses_bridge {
+        let _ = link::delete_link("-", &config.bridge);
+    }
+    registry.write(&state)?;
+    result
+}
+
+fn remove_unused_bridge(plan: &NetworkPlan, state: &State) {
+    if plan.managed_bridge && !state.members.values().any(|m| m.plan.bridge == plan.bridge) {
+        let _ = link::delete_link(&plan.machine, &plan.bridge);
+    }
+}
+
+/// Rebuilds the table from `state`, or deletes it when nothing needs it;
+/// turns IPv4 forwarding on while a machine needs it and restores it after.
+fn apply(machine: &str, table: &str, state: &mut State) -> Result<(), NetworkError> {
+    let members: Vec<&NetworkPlan> = state.members.values().map(|m| &m.plan).collect();
+    let forwarding = members.iter().any(|p| p.nat || !p.ports.is_empty());
+    if forwarding && state.saved_ip_forward.is_none() {
+        let old = fs::read_to_string(IP_FORWARD).unwrap_or_else(|_| "0".into());
+        if old.trim() != "1" {
+            fs::write(IP_FORWARD, "1")
+                .map_err(|e| fw_err(machine, format!("enabling {IP_FORWARD}: {e}")))?;
+        }
+        state.saved_ip_forward = Some(old.trim().to_owned());
+    }
+    let loopback_bridges: BTreeSet<&str> = members
+        .iter()
+        .filter(|p| !p.ports.is_empty())
+        .map(|p| p.bridge.as_str())
+        .collect();
+    if members.is_empty() {
+        delete_table(machine, table)?;
+    } else {
+        nft(machine, &ruleset(table, &members))?;
+    }
+    // route_localnet only on bridges that carry loopback-published ports,
+    // after the guard rules are in place (see docs/networking.md).
+    let all_bridges: BTreeSet<&str> = members.iter().map(|p| p.bridge.as_str()).collect();
+    for bridge in all_bridges {
+        let on = loopback_bridges.contains(bridge);
+        let _ = fs::write(
+            format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet"),
+            if on { "1" } else { "0" },
+        );
+    }
+    if !forwarding {
+        if let Some(old) = state.saved_ip_forward.take() {
+            if let Err(e) = fs::write(IP_FORWARD, &old) {
+                tracing::warn!(%e, "restoring {IP_FORWARD}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn matches(left: Value, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": left, "right": right}})
+}
+
+fn not_matches(left: Value, right: Value) -> Value {
+    json!({"match": {"op": "!=", "left": left, "right": right}})
+}
+
+fn meta(key: &str) -> Value {
+    json!({"meta": {"key": key}})
+}
+
+fn payload(protocol: &str, field: &str) -> Value {
+    json!({"payload": {"protocol": protocol, "field": field}})
+}
+
+fn loopback4() -> Value {
+    json!({"prefix": {"addr": "127.0.0.0", "len": 8}})
+}
+
+/// The whole table as one nft JSON transaction: create-then-delete-then-
+/// create makes it atomic and idempotent whether or not the table existed.
+fn ruleset(table: &str, members: &[&NetworkPlan]) -> Value {
+    let mut cmds = vec![
+        json!({"add": {"table": {"family": "inet", "name": table}}}),
+        json!({"delete": {"table": {"family": "inet", "name": table}}}),
+        json!({"add": {"table": {"family": "inet", "name": table}}}),
+    ];
+    let chain = |name: &str, hook: Option<(&str, &str, i32)>| {
+        let mut chain = json!({"family": "inet", "table": table, "name": name});
+        if let Some((kind, hook, prio)) = hook {
+            chain["type"] = json!(kind);
+            chain["hook"] = json!(hook);
+            chain["prio"] = json!(prio);
+            chain["policy"] = json!("accept");
+        }
+        json!({"add": {"chain": chain}})
+    };
+    let rule = |chain: &str, expr: Vec<Value>| json!({"add": {"rule": {"family": "inet", "table": table, "chain": chain, "expr": expr}}});
+    cmds.push(chain("guard", Some(("filter", "prerouting", -300))));
+    cmds.push(chain("prerouting", Some(("nat", "prerouting", -100))));
+    cmds.push(chain("output", Some(("nat", "output", -100))));
+    cmds.push(chain("postrouting", Some(("nat", "postrouting", 100))));
+    cmds.push(chain("ports", None));
+
+    let bridges: BTreeSet<&str> = members.iter().map(|p| p.bridge.as_str()).collect();
+    for bridge in &bridges {
+        // With route_localnet on the bridge, nothing from a machine may
+        // reach the host's loopback addresses or pose as them.
+        for field in ["daddr", "saddr"] {
+            cmds.push(rule(
+                "guard",
+                vec![
+                    matches(meta("iifname"), json!(bridge)),
+                    matches(payload("ip", field), loopback4()),
+                    json!({"drop": null}),
+                ],
+            ));
+        }
+        // Loopback-originated connections DNATed to a machine leave with
+        // the bridge's address, so the machine's reply comes back to us.
+        cmds.push(rule(
+            "postrouting",
+            vec![
+                matches(meta("oifname"), json!(bridge)),
+                matches(payload("ip", "saddr"), loopback4()),
+                json!({"masquerade": null}),
+            ],
+        ));
+    }
+    let local = json!({"fib": {"result": "type", "flags": ["daddr"]}});
+    for hook in ["prerouting", "output"] {
+        cmds.push(rule(
+            hook,
+            vec![
+                matches(local.clone(), json!("local")),
+                json!({"jump": {"target": "ports"}}),
+            ],
+        ));
+    }
+    for plan in members {
+        if let (true, Some(v4)) = (plan.nat, plan.ipv4) {
+            cmds.push(rule(
+                "postrouting",
+                vec![
+                    matches(payload("ip", "saddr"), json!(v4.addr.to_string())),
+                    not_matches(meta("oifname"), json!(plan.bridge)),
+                    json!({"masquerade": null}),
+                ],
+            ));
+        }
+    }
+
+    // (protocol, host port) -> (machine port, [v4 targets], [v6 targets]).
+    type Targets = (u16, Vec<String>, Vec<String>);
+    let mut published: BTreeMap<(&str, u16), Targets> = BTreeMap::new();
+    for plan in members {
+        for port in &plan.ports {
+            let proto = match port.protocol {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+            };
+            let entry = published
+                .entry((proto, port.host_port))
+                .or_insert_with(|| (port.machine_port, Vec::new(), Vec::new()));
+            if let Some(v4) = plan.ipv4 {
+                entry.1.push(v4.addr.to_string());
+            }
+            if let Some(v6) = plan.ipv6 {
+                entry.2.push(v6.addr.to_string());
+            }
+        }
+    }
+    for ((proto, host_port), (machine_port, v4, v6)) in published {
+        for (nfproto, family, targets) in [("ipv4", "ip", v4), ("ipv6", "ip6", v6)] {
+            if targets.is_empty() {
+                continue;
+            }
+            let map: Vec<Value> = targets
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| json!([i, addr]))
+                .collect();
+            cmds.push(rule(
+                "ports",
+                vec![
+                    matches(meta("nfproto"), json!(nfproto)),
+                    matches(payload(proto, "dport"), json!(host_port)),
+                    json!({"dnat": {
+                        "family": family,
+                        "addr": {"map": {
+                            "key": {"numgen": {"mode": "inc", "mod": targets.len(), "offset": 0}},
+                            "data": {"set": map},
+                        }},
+                        "port": machine_port,
+                    }}),
+                ],
+            ));
+        }
+    }
+    json!({"nftables": cmds})
+}
+
+fn nft(machine: &str, ruleset: &Value) -> Result<(), NetworkError> {
+    let mut child = Command::new("nft")
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            fw_err(
+                machine,
+                format!("running nft (is nftables installed?): {e}"),
+            )
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(ruleset.to_string().as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| fw_err(machine, format!("waiting for nft: {e}")))?;
+    if !out.status.success() {
+        return Err(fw_err(
+            machine,
+            format!(
+                "nft rejected the ruleset: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn delete_table(machine: &str, table: &str) -> Result<(), NetworkError> {
+    let exists = Command::new("nft")
+        .args(["list", "table", "inet", table])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !exists {
+        return Ok(());
+    }
+    nft(
+        machine,
+        &json!({"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]}),
+    )
+}

@@ -1,0 +1,466 @@
+//! Private networking for real (as root): links, addresses, routes and
+//! nftables rules on the test bridge `rmt-br0`. Traffic goes only to
+//! loopback, to the machines, and to a client namespace the test makes.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use rmachines::definition::{AddressSpec, PortSpec, Protocol};
+use rmachines::network::{self, link, NetworkError};
+use rmachines::runtime::protocol::MachineState;
+use support::*;
+
+const BOOT: Duration = Duration::from_secs(30);
+
+fn boot(def: rmachines::definition::Definition) -> TestMachine {
+    let mut m = TestMachine::launch(def);
+    m.wait_state(MachineState::Running, BOOT);
+    m
+}
+
+/// Serves `/index.html` holding the machine's hostname on port 80.
+fn serve_hostname(m: &TestMachine) {
+    m.sh("mkdir -p /run/www && hostname > /run/www/index.html && httpd -p 80 -h /run/www");
+}
+
+/// One HTTP GET; None when nothing answered. Bounded by its timeouts.
+fn http_get(addr: SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    stream.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let body = response.split("\r\n\r\n").nth(1)?.trim().to_owned();
+    Some(body)
+}
+
+/// GET with a few retries while the server starts.
+fn http_get_retry(addr: SocketAddr) -> Option<String> {
+    for _ in 0..15 {
+        if let Some(body) = http_get(addr) {
+            return Some(body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+fn v4(m: &TestMachine) -> IpAddr {
+    IpAddr::V4(m.plan.network.as_ref().unwrap().ipv4.unwrap().addr)
+}
+
+fn v6(m: &TestMachine) -> IpAddr {
+    IpAddr::V6(m.plan.network.as_ref().unwrap().ipv6.unwrap().addr)
+}
+
+fn links() -> Vec<String> {
+    link::link_names().expect("list links")
+}
+
+fn table_text() -> String {
+    let table = test_network_config().table;
+    let out = Command::new("nft")
+        .args(["list", "table", "inet", &table])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Nothing of this machine's network is left on the host.
+fn assert_network_gone(m: &TestMachine) {
+    let net = m.plan.network.as_ref().unwrap();
+    assert!(
+        !links().contains(&net.host_veth),
+        "{} left behind",
+        net.host_veth
+    );
+    let table = table_text();
+    for addr in net.addresses() {
+        let addr = addr.split('/').next().unwrap().to_owned();
+        assert!(!table.contains(&addr), "rules for {addr} left:\n{table}");
+    }
+}
+
+fn port(host: u16, machine: u16) -> PortSpec {
+    PortSpec {
+        protocol: Protocol::Tcp,
+        host_port: host,
+        machine_port: machine,
+    }
+}
+
+#[test]
+fn host_and_machine_reach_each_other() {
+    let root = fixture("busybox");
+    let mut m = boot(private_definition("nw-basic", &root));
+    let net = m.plan.network.clone().unwrap();
+    let addrs = m.sh("ip -o addr show dev host0");
+    assert!(
+        addrs.contains(&net.ipv4.unwrap().to_string()),
+        "host0 lacks {}: {addrs}",
+        net.ipv4.unwrap()
+    );
+    assert!(
+        addrs.contains(&net.ipv6.unwrap().addr.to_string()),
+        "{addrs}"
+    );
+    let routes = m.sh("ip route");
+    let gw = net.gateway_v4.unwrap();
+    assert!(
+        routes.contains(&format!("default via {gw} dev host0")),
+        "{routes}"
+    );
+    assert!(m.sh("ip -6 route").contains("default via"));
+    assert!(m.sh("ip -o link show lo").contains("UP"));
+    m.sh(&format!("ping -c 1 -W 3 {gw}"));
+    m.sh(&format!("ping6 -c 1 -W 3 {}", net.gateway_v6.unwrap()));
+    // The guest got a resolv.conf (the fixture has none).
+    assert!(m.sh("cat /etc/resolv.conf").contains("rmachined"));
+
+    serve_hostname(&m);
+    assert_eq!(
+        http_get_retry(SocketAddr::new(v4(&m), 80)).as_deref(),
+        Some("nw-basic")
+    );
+    assert_eq!(
+        http_get_retry(SocketAddr::new(v6(&m), 80)).as_deref(),
+        Some("nw-basic")
+    );
+    // Guest to host TCP: the host listens on the gateway address.
+    let listener = std::net::TcpListener::bind((gw, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    // busybox nc waits for the peer to close: run it in the background.
+    let sent = m.enter(
+        "",
+        &[
+            "/bin/sh",
+            "-c",
+            &format!("(echo hello | timeout 10 nc {gw} {port} >/dev/null 2>&1 &)"),
+        ],
+    );
+    let mut conn = None;
+    for _ in 0..50 {
+        if let Ok((stream, _)) = listener.accept() {
+            conn = Some(stream);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut conn = conn.unwrap_or_else(|| panic!("the guest never connected: {sent:?}"));
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = [0u8; 64];
+    let n = conn.read(&mut buf).unwrap_or(0);
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "hello");
+    drop(conn);
+
+    m.stop();
+    let end = m.wait_end(BOOT);
+    assert_eq!(end.state, MachineState::Stopped, "{end:?}");
+    assert_network_gone(&m);
+    assert_nothing_left(&m);
+}
+
+#[test]
+fn machines_reach_each_other_over_the_bridge() {
+    let root = fixture("busybox");
+    let a = boot(private_definition("nw-peer-a", &root));
+    let b = boot(private_definition("nw-peer-b", &root));
+    serve_hostname(&b);
+    let mut body = String::new();
+    for _ in 0..15 {
+        let out = a.enter(
+            "",
+            &[
+                "/bin/sh",
+                "-c",
+                &format!(
+                    "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {} 80 | tail -n 1",
+                    v4(&b)
+                ),
+            ],
+        );
+        body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if out.status.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(body, "nw-peer-b");
+    a.sh(&format!("ping -c 1 -W 3 {}", v4(&b)));
+}
+
+#[test]
+fn mode_none_has_only_loopback_up() {
+    let root = fixture("busybox");
+    let m = boot(definition("nw-none", &root));
+    assert!(m.plan.network.is_none());
+    let links = m.sh("ip -o link");
+    let lines: Vec<&str> = links.lines().collect();
+    assert_eq!(lines.len(), 1, "{links}");
+    assert!(
+        lines[0].contains("lo:") && lines[0].contains("UP"),
+        "{links}"
+    );
+    assert!(m.sh("ip -o addr").contains("127.0.0.1"));
+}
+
+#[test]
+fn address_is_stable_across_restarts() {
+    let root = fixture("busybox");
+    let first = {
+        let mut m = boot(private_definition("nw-stable", &root));
+        let net = m.plan.network.clone().unwrap();
+        m.stop();
+        m.wait_end(BOOT);
+        net
+    };
+    let m = boot(private_definition("nw-stable", &root));
+    let second = m.plan.network.clone().unwrap();
+    assert_eq!(first.ipv4, second.ipv4);
+    assert_eq!(first.ipv6, second.ipv6);
+    assert!(m
+        .sh("ip -o addr show dev host0")
+        .contains(&second.ipv4.unwrap().to_string()));
+}
+
+/// A network namespace standing for another host, wired to the host over
+/// a veth pair; removed on drop.
+struct ClientNetns {
+    name: &'static str,
+    host_veth: &'static str,
+    host_ip: IpAddr,
+}
+
+impl ClientNetns {
+    /// `n` (0..64) keeps parallel tests' namespaces and subnets apart.
+    fn create(name: &'static str, host_veth: &'static str, n: u8) -> ClientNetns {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = Command::new("ip").args(["link", "del", host_veth]).status();
+        let host_cidr = format!("10.220.0.{}/30", 4 * n + 1);
+        let client_cidr = format!("10.220.0.{}/30", 4 * n + 2);
+        let host_ip = format!("10.220.0.{}", 4 * n + 1);
+        let client = ClientNetns {
+            name,
+            host_veth,
+            host_ip: host_ip.parse().unwrap(),
+        };
+        for args in [
+            vec!["netns", "add", name],
+            vec![
+                "link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", name,
+            ],
+            vec!["addr", "add", &host_cidr, "dev", host_veth],
+            vec!["link", "set", host_veth, "up"],
+            vec!["-n", name, "addr", "add", &client_cidr, "dev", "eth0"],
+            vec!["-n", name, "link", "set", "eth0", "up"],
+            vec!["-n", name, "link", "set", "lo", "up"],
+            vec!["-n", name, "route", "add", "default", "via", &host_ip],
+        ] {
+            let status = Command::new("ip").args(&args).status().unwrap();
+            assert!(status.success(), "ip {args:?}");
+        }
+        client
+    }
+
+    /// Runs `f` on a thread inside the client namespace.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for ClientNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", self.host_veth])
+            .status();
+    }
+}
+
+/// Hostnames answering on `addr` over `tries` new connections.
+fn answers(addr: SocketAddr, tries: usize) -> BTreeSet<String> {
+    (0..tries).filter_map(|_| http_get(addr)).collect()
+}
+
+#[test]
+fn published_port_is_shared_by_running_machines() {
+    let root = fixture("busybox");
+    let mut machines: Vec<TestMachine> = (1..=3)
+        .map(|i| {
+            let mut def = private_definition(&format!("nw-web-{i}"), &root);
+            def.network.ports = vec![port(18080, 80)];
+            boot(def)
+        })
+        .collect();
+    for m in &machines {
+        serve_hostname(m);
+        assert!(http_get_retry(SocketAddr::new(v4(m), 80)).is_some());
+    }
+    let all: BTreeSet<String> = (1..=3).map(|i| format!("nw-web-{i}")).collect();
+
+    let loopback: SocketAddr = "127.0.0.1:18080".parse().unwrap();
+    assert_eq!(answers(loopback, 9), all, "from 127.0.0.1");
+
+    let client = ClientNetns::create("rmt-client", "rmt-cli-h", 0);
+    let from_other_host = SocketAddr::new(client.host_ip, 18080);
+    let seen = client.run(move || answers(from_other_host, 9));
+    assert_eq!(seen, all, "from another host");
+
+    // A machine that stops leaves the rotation at once.
+    let mut stopped = machines.remove(1);
+    stopped.stop();
+    stopped.wait_end(BOOT);
+    let rest: BTreeSet<String> = ["nw-web-1", "nw-web-3"].map(String::from).into();
+    assert_eq!(answers(loopback, 6), rest);
+    let seen = client.run(move || answers(from_other_host, 6));
+    assert_eq!(seen, rest);
+    assert_network_gone(&stopped);
+
+    // IPv6 from the host itself, to a host address (not ::1).
+    let gw6 = machines[0]
+        .plan
+        .network
+        .as_ref()
+        .unwrap()
+        .gateway_v6
+        .unwrap();
+    assert!(!answers(SocketAddr::new(IpAddr::V6(gw6), 18080), 2).is_empty());
+}
+
+#[test]
+fn bad_network_input_is_rejected_naming_the_key() {
+    let root = fixture("busybox");
+    let config = test_network_config();
+    let storage = Path::new(TEST_NET_STORAGE);
+    let links_before = links();
+
+    let mut outside = private_definition("nw-bad-outside", &root);
+    outside.network.address = AddressSpec::Cidr("192.0.2.77".parse().unwrap(), 24);
+    let err = network::plan_network(&outside, &config, storage).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            NetworkError::Invalid {
+                key: "network.address",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not inside"), "{err}");
+
+    let mut owner = private_definition("nw-bad-owner", &root);
+    owner.network.address = AddressSpec::Cidr("10.219.77.77".parse().unwrap(), 16);
+    network::plan_network(&owner, &config, storage).unwrap();
+    let mut thief = private_definition("nw-bad-thief", &root);
+    thief.network.address = AddressSpec::Cidr("10.219.77.77".parse().unwrap(), 16);
+    let err = network::plan_network(&thief, &config, storage).unwrap_err();
+    assert!(err.to_string().contains("network.address"), "{err}");
+    assert!(err.to_string().contains("nw-bad-owner"), "{err}");
+    network::address::release(storage, "nw-bad-owner").unwrap();
+
+    let mut bridge = private_definition("nw-bad-bridge", &root);
+    bridge.network.bridge = "rmt-nosuchbr".into();
+    let err = network::plan_network(&bridge, &config, storage).unwrap_err();
+    assert!(err.to_string().contains("network.bridge"), "{err}");
+    assert!(err.to_string().contains("rmt-nosuchbr"), "{err}");
+
+    // A subnet overlapping a host route.
+    let mut overlapping = config.clone();
+    overlapping.ipv4_subnet = "127.0.0.0/8".parse().unwrap();
+    // A route of the host's own (not the default route, not the test bridge).
+    let host_route = std::fs::read_to_string("/proc/net/route").unwrap();
+    let route = host_route.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let mask = u32::from_be(u32::from_str_radix(f[7], 16).ok()?);
+        let dest = u32::from_be(u32::from_str_radix(f[1], 16).ok()?);
+        (mask != 0 && f[0] != config.bridge)
+            .then(|| format!("{}/{}", std::net::Ipv4Addr::from(dest), mask.leading_ones()))
+    });
+    if let Some(route) = route {
+        overlapping.ipv4_subnet = route.parse().unwrap();
+        let err = network::plan_network(
+            &private_definition("nw-bad-route", &root),
+            &overlapping,
+            storage,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("overlaps the host route"), "{err}");
+    }
+
+    // The same host port to another machine port than a running machine's.
+    let mut first = private_definition("nw-bad-port-a", &root);
+    first.network.ports = vec![port(18090, 80)];
+    let _running = boot(first);
+    let mut second = private_definition("nw-bad-port-b", &root);
+    second.network.ports = vec![port(18090, 81)];
+    let err = network::plan_network(&second, &config, storage).unwrap_err();
+    assert!(err.to_string().contains("network.ports"), "{err}");
+    assert!(err.to_string().contains("nw-bad-port-a"), "{err}");
+
+    // Nothing was created for the rejected machines.
+    for name in [
+        "nw-bad-outside",
+        "nw-bad-thief",
+        "nw-bad-bridge",
+        "nw-bad-route",
+        "nw-bad-port-b",
+    ] {
+        let veth = network::host_veth_name(name);
+        assert!(!links().contains(&veth), "{veth} exists");
+    }
+    assert!(links_before.iter().all(|l| !l.starts_with("ve-nw-bad")));
+}
+
+#[test]
+fn nat_masquerades_traffic_leaving_the_host() {
+    let root = fixture("busybox");
+    let mut def = private_definition("nw-nat", &root);
+    def.network.nat = true;
+    let m = boot(def);
+    let outside = ClientNetns::create("rmt-outside", "rmt-out-h", 1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let path = format!("/run/netns/{}", outside.name);
+    let server = std::thread::spawn(move || {
+        let ns = std::fs::File::open(path).unwrap();
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let listener = std::net::TcpListener::bind("10.220.0.6:9099").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        ready_tx.send(()).unwrap();
+        for _ in 0..100 {
+            if let Ok((_, peer)) = listener.accept() {
+                return Some(peer.ip());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    });
+    ready_rx.recv().unwrap();
+    m.sh("(echo hi | timeout 10 nc 10.220.0.6 9099 >/dev/null 2>&1 &)");
+    let peer = server.join().unwrap();
+    // The outside host sees the host's address, not the machine's.
+    assert_eq!(peer, Some(outside.host_ip));
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .unwrap()
+            .trim(),
+        "1"
+    );
+}
