@@ -143,6 +143,11 @@ impl Harness {
         harness
     }
 
+    /// The daemon's host pid (0 once it was terminated).
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.as_ref().map(|d| d.id()).unwrap_or(0)
+    }
+
     pub fn address(&self) -> &str {
         &self.address
     }
