@@ -67,7 +67,12 @@ fn bench_tree(kind: &str) -> PathBuf {
     let dest = Path::new("/var/tmp/rmachines-bench").join(kind);
     if !dest.is_dir() {
         std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        let status = run_quiet(Command::new("cp").arg("-a").arg(support::fixture(kind)).arg(&dest));
+        let status = run_quiet(
+            Command::new("cp")
+                .arg("-a")
+                .arg(support::fixture(kind))
+                .arg(&dest),
+        );
         assert!(status.success(), "copying the {kind} fixture");
     }
     dest
@@ -78,10 +83,20 @@ fn nspawn_boot_and_stop(tree: &Path) -> (Duration, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let socket_path = dir.path().join("notify");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let started = Instant::now();
     let mut child = Command::new("systemd-nspawn")
-        .args(["--register=no", "--keep-unit", "--notify-ready=yes", "--console=passive", "-q", "-b", "-D"])
+        .args([
+            "--register=no",
+            "--keep-unit",
+            "--notify-ready=yes",
+            "--console=passive",
+            "-q",
+            "-b",
+            "-D",
+        ])
         .arg(tree)
         .env("NOTIFY_SOCKET", &socket_path)
         .stdin(Stdio::null())
@@ -92,11 +107,17 @@ fn nspawn_boot_and_stop(tree: &Path) -> (Duration, Duration) {
     let mut buf = [0u8; 4096];
     let boot = loop {
         if let Ok(n) = socket.recv(&mut buf) {
-            if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "READY=1")
+            {
                 break started.elapsed();
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "systemd-nspawn never sent READY=1");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "systemd-nspawn never sent READY=1"
+        );
         if let Ok(Some(status)) = child.try_wait() {
             panic!("systemd-nspawn exited before READY=1: {status}");
         }
@@ -114,15 +135,73 @@ fn rmachinectl(h: &Harness, args: &[&str]) -> Duration {
     let started = Instant::now();
     let out = h.rmachinectl(args);
     let took = started.elapsed();
-    assert!(out.status.success(), "rmachinectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rmachinectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     took
 }
 
-fn boot_and_stop(opts: &Options, rows: &mut Vec<Row>) {
+/// Seconds since midnight of a supervisor log line's timestamp.
+fn log_time(line: &str) -> Option<f64> {
+    let clock = line.split('T').nth(1)?.split('Z').next()?;
+    let mut parts = clock.split(':');
+    let (h, m, s): (f64, f64, f64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// Where a boot and a stop spend their time, from the supervisor's log:
+/// (setup: supervisor start to init exec, guest boot: exec to READY=1,
+/// guest shutdown: stop signal to init's exit, cleanup: exit to stopped), ms.
+fn phases(log: &str) -> [Vec<f64>; 4] {
+    let mut out: [Vec<f64>; 4] = Default::default();
+    let mut mark: Option<(usize, f64)> = None;
+    for line in log.lines() {
+        let Some(t) = log_time(line) else { continue };
+        let phase = if line.contains("state=starting leader=0") {
+            Some(0)
+        } else if line.contains("state=starting leader=") {
+            Some(1)
+        } else if line.contains("state=running") {
+            Some(2)
+        } else if line.contains("stop signal sent") {
+            Some(3)
+        } else if line.contains("init exited") {
+            Some(4)
+        } else if line.contains("state=stopped") {
+            Some(5)
+        } else {
+            None
+        };
+        let Some(phase) = phase else { continue };
+        if let Some((prev, t0)) = mark {
+            let slot = match (prev, phase) {
+                (0, 1) => Some(0),
+                (1, 2) => Some(1),
+                (3, 4) => Some(2),
+                (4, 5) => Some(3),
+                _ => None,
+            };
+            if let Some(slot) = slot {
+                out[slot].push((t - t0) * 1000.0);
+            }
+        }
+        mark = Some((phase, t));
+    }
+    out
+}
+
+fn boot_and_stop(opts: &Options, rows: &mut Vec<Row>, breakdown: &mut Vec<(String, f64)>) {
     let ours_tree = support::fixture("debian");
     let reference_tree = bench_tree("debian");
     let h = Harness::start_with(|c| write_definition(c, "deb", &ours_tree, ""));
-    let (mut boot_ours, mut stop_ours, mut boot_ref, mut stop_ref) = (vec![], vec![], vec![], vec![]);
+    let (mut boot_ours, mut stop_ours, mut boot_ref, mut stop_ref) =
+        (vec![], vec![], vec![], vec![]);
     for _ in 0..opts.runs {
         boot_ours.push(ms(rmachinectl(&h, &["start", "deb"])));
         stop_ours.push(ms(rmachinectl(&h, &["stop", "deb"])));
@@ -130,6 +209,9 @@ fn boot_and_stop(opts: &Options, rows: &mut Vec<Row>) {
         boot_ref.push(ms(boot));
         stop_ref.push(ms(stop));
     }
+    let log = std::fs::read_to_string(h.state_dir().join("machines/deb/supervisor.log"))
+        .unwrap_or_default();
+    let phases = phases(&log);
     rows.push(Row {
         case: "boot to ready, Debian bookworm (user ns + private network)".into(),
         ours: boot_ours,
@@ -138,6 +220,17 @@ fn boot_and_stop(opts: &Options, rows: &mut Vec<Row>) {
         unit: "ms",
         target: "ratio <= 0.9".into(),
     });
+    for (name, values) in [
+        "rmachines setup (supervisor start to init exec, incl. network)",
+        "guest systemd boot (exec to READY=1)",
+        "guest systemd shutdown (stop signal to init exit)",
+        "rmachines cleanup (init exit to stopped: cgroup, veth, rules)",
+    ]
+    .iter()
+    .zip(phases.iter())
+    {
+        breakdown.push((name.to_string(), percentile(values, 50.0)));
+    }
     rows.push(Row {
         case: "stop, same guest".into(),
         ours: stop_ours,
@@ -152,7 +245,12 @@ async fn start_overhead(opts: &Options, rows: &mut Vec<Row>) {
     let tree = support::fixture("busybox");
     let reference_tree = bench_tree("busybox");
     let h = Harness::start_with(|c| {
-        write_definition(c, "true", &tree, "boot = false\ncommand = [\"/bin/true\"]\n[network]\nmode = \"none\"\n")
+        write_definition(
+            c,
+            "true",
+            &tree,
+            "boot = false\ncommand = [\"/bin/true\"]\n[network]\nmode = \"none\"\n",
+        )
     });
     let conn = h.connection().await;
     let manager = ManagerProxy::new(&conn).await.unwrap();
@@ -174,13 +272,19 @@ async fn start_overhead(opts: &Options, rows: &mut Vec<Row>) {
         ours.push(ms(started.elapsed()));
         let started = Instant::now();
         let status = run_quiet(
-            Command::new("systemd-nspawn").args(["--register=no", "--keep-unit", "-q", "-D"]).arg(&reference_tree).arg("/bin/true"),
+            Command::new("systemd-nspawn")
+                .args(["--register=no", "--keep-unit", "-q", "-D"])
+                .arg(&reference_tree)
+                .arg("/bin/true"),
         );
         assert!(status.success(), "systemd-nspawn /bin/true");
         reference.push(ms(started.elapsed()));
         let started = Instant::now();
         let status = run_quiet(
-            Command::new("unshare").args(["-U", "-r", "-p", "-n", "-m", "-u", "-i", "-f", "chroot"]).arg(&reference_tree).arg("/bin/true"),
+            Command::new("unshare")
+                .args(["-U", "-r", "-p", "-n", "-m", "-u", "-i", "-f", "chroot"])
+                .arg(&reference_tree)
+                .arg("/bin/true"),
         );
         assert!(status.success(), "unshare floor");
         floor.push(ms(started.elapsed()));
@@ -197,7 +301,9 @@ async fn start_overhead(opts: &Options, rows: &mut Vec<Row>) {
         case: "start overhead vs the floor".into(),
         ours,
         reference: floor,
-        reference_name: "unshare -U -r -p -n -m -u -i -f chroot TREE /bin/true (-r: chroot needs a mapped root)".into(),
+        reference_name:
+            "unshare -U -r -p -n -m -u -i -f chroot TREE /bin/true (-r: chroot needs a mapped root)"
+                .into(),
         unit: "ms",
         target: "ratio <= 3".into(),
     });
@@ -205,7 +311,8 @@ async fn start_overhead(opts: &Options, rows: &mut Vec<Row>) {
 
 fn shell_round_trip(opts: &Options, rows: &mut Vec<Row>) {
     let tree = support::fixture("busybox");
-    let h = Harness::start_with(|c| write_definition(c, "sh", &tree, "[network]\nmode = \"none\"\n"));
+    let h =
+        Harness::start_with(|c| write_definition(c, "sh", &tree, "[network]\nmode = \"none\"\n"));
     rmachinectl(&h, &["start", "sh"]);
     let status = h.rmachinectl(&["status", "sh", "--json"]);
     let info: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
@@ -214,7 +321,9 @@ fn shell_round_trip(opts: &Options, rows: &mut Vec<Row>) {
     for _ in 0..opts.runs * 4 {
         ours.push(ms(rmachinectl(&h, &["shell", "sh", "--", "/bin/true"])));
         let started = Instant::now();
-        assert!(run_quiet(Command::new("nsenter").args(["-t", &leader, "-a", "/bin/true"])).success());
+        assert!(
+            run_quiet(Command::new("nsenter").args(["-t", &leader, "-a", "/bin/true"])).success()
+        );
         reference.push(ms(started.elapsed()));
     }
     rmachinectl(&h, &["stop", "sh"]);
@@ -285,7 +394,12 @@ async fn density_point(n: usize) -> DensityPoint {
     for name in &names {
         let manager = manager.clone();
         let name = name.clone();
-        calls.spawn(async move { manager.start(&name).await.map_err(|e| format!("{name}: {e}")) });
+        calls.spawn(async move {
+            manager
+                .start(&name)
+                .await
+                .map_err(|e| format!("{name}: {e}"))
+        });
     }
     let mut stopped_by = None;
     while let Some(result) = calls.join_next().await {
@@ -296,7 +410,8 @@ async fn density_point(n: usize) -> DensityPoint {
     let mut running = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while running.len() < n && stopped_by.is_none() && Instant::now() < deadline {
-        if let Ok(Some(signal)) = tokio::time::timeout(Duration::from_secs(1), changes.next()).await {
+        if let Ok(Some(signal)) = tokio::time::timeout(Duration::from_secs(1), changes.next()).await
+        {
             let args = signal.args().unwrap();
             match args.state().as_ref() {
                 "running" => {
@@ -356,7 +471,13 @@ fn version(command: &str, arg: &str) -> String {
     Command::new(command)
         .arg(arg)
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_owned())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
         .unwrap_or_default()
 }
 
@@ -376,8 +497,15 @@ fn svg(points: &[DensityPoint]) -> String {
          <text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {})\" text-anchor=\"middle\">seconds</text>\n",
         w / 2.0, h - pad, w - pad, h - pad, h - pad, w / 2.0, h - 12.0, h / 2.0, h / 2.0
     );
-    let path: Vec<String> = points.iter().map(|p| format!("{:.1},{:.1}", x(p.n as f64), y(p.all_running_s))).collect();
-    let _ = writeln!(out, "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>", path.join(" "));
+    let path: Vec<String> = points
+        .iter()
+        .map(|p| format!("{:.1},{:.1}", x(p.n as f64), y(p.all_running_s)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>",
+        path.join(" ")
+    );
     for p in points {
         let _ = writeln!(
             out,
@@ -389,7 +517,13 @@ fn svg(points: &[DensityPoint]) -> String {
     out
 }
 
-fn report(opts: &Options, rows: &[Row], points: &[DensityPoint], nspawn_rss: f64) -> String {
+fn report(
+    opts: &Options,
+    rows: &[Row],
+    breakdown: &[(String, f64)],
+    points: &[DensityPoint],
+    nspawn_rss: f64,
+) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmarks\n");
     let _ = writeln!(
@@ -400,11 +534,26 @@ fn report(opts: &Options, rows: &[Row], points: &[DensityPoint], nspawn_rss: f64
         version("date", "-u"),
         opts.runs
     );
-    let _ = writeln!(md, "- machine: {} cores, {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or("").replace("  ", ""));
+    let _ = writeln!(
+        md,
+        "- machine: {} cores, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .unwrap_or("")
+            .replace("  ", "")
+    );
     let _ = writeln!(md, "- kernel: {}", version("uname", "-r"));
     let _ = writeln!(md, "- rmachines: {}", env!("CARGO_PKG_VERSION"));
-    let _ = writeln!(md, "- reference: {}", version("systemd-nspawn", "--version"));
+    let _ = writeln!(
+        md,
+        "- reference: {}",
+        version("systemd-nspawn", "--version")
+    );
     let _ = writeln!(md, "\n| case | rmachines p50 | p95 | reference | p50 | p95 | ratio (p50) | target |\n|---|---|---|---|---|---|---|---|");
     for row in rows {
         let (o50, o95, r50, r95) = (
@@ -413,11 +562,17 @@ fn report(opts: &Options, rows: &[Row], points: &[DensityPoint], nspawn_rss: f64
             percentile(&row.reference, 50.0),
             percentile(&row.reference, 95.0),
         );
-        let _ = writeln!(
+        let _ =
+            writeln!(
             md,
             "| {} | {o50:.1} {u} | {o95:.1} {u} | {} | {r50:.1} {u} | {r95:.1} {u} | {:.2} | {} |",
             row.case, row.reference_name, o50 / r50, row.target, u = row.unit
         );
+    }
+    let _ = writeln!(md, "\n## Where the Debian boot and stop spend their time (medians, from the supervisor's log)\n");
+    let _ = writeln!(md, "| phase | ms |\n|---|---|");
+    for (name, value) in breakdown {
+        let _ = writeln!(md, "| {name} | {value:.1} |");
     }
     let _ = writeln!(md, "\n## Density (busybox machines, private network)\n");
     let _ = writeln!(md, "| N | all running | rmachined RSS | supervisor PSS per machine | List() p50 | List() p99 | stopped by |\n|---|---|---|---|---|---|---|");
@@ -425,7 +580,12 @@ fn report(opts: &Options, rows: &[Row], points: &[DensityPoint], nspawn_rss: f64
         let _ = writeln!(
             md,
             "| {} | {:.2} s | {:.1} MiB | {:.0} KiB | {:.2} ms | {:.2} ms | {} |",
-            p.n, p.all_running_s, p.daemon_rss_mib, p.per_machine_kib, p.list_p50_ms, p.list_p99_ms,
+            p.n,
+            p.all_running_s,
+            p.daemon_rss_mib,
+            p.per_machine_kib,
+            p.list_p50_ms,
+            p.list_p99_ms,
             p.stopped_by.as_deref().unwrap_or("-")
         );
     }
@@ -444,13 +604,18 @@ fn main() {
     let opts = Options {
         quick,
         runs: if quick { 2 } else { 7 },
-        sweep: if quick { vec![1, 10] } else { vec![1, 10, 100, 200, 500, 1000] },
+        sweep: if quick {
+            vec![1, 10]
+        } else {
+            vec![1, 10, 100, 200, 500, 1000]
+        },
     };
     support::require_root();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut rows = Vec::new();
+    let mut breakdown = Vec::new();
     eprintln!("boot and stop ...");
-    boot_and_stop(&opts, &mut rows);
+    boot_and_stop(&opts, &mut rows, &mut breakdown);
     eprintln!("start overhead ...");
     runtime.block_on(start_overhead(&opts, &mut rows));
     eprintln!("shell round trip ...");
@@ -466,7 +631,7 @@ fn main() {
         }
     }
     let nspawn_rss = nspawn_rss_mib();
-    let md = report(&opts, &rows, &points, nspawn_rss);
+    let md = report(&opts, &rows, &breakdown, &points, nspawn_rss);
     println!("{md}");
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
     std::fs::write(docs.join("benchmarks.md"), &md).unwrap();
