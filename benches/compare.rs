@@ -366,13 +366,17 @@ fn pss_kib(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn supervisor_pids() -> Vec<u32> {
+fn supervisor_pids(state_dir: &Path) -> Vec<u32> {
+    let marker = state_dir.display().to_string();
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains("__supervise"))
+                .map(|c| {
+                    let cmdline = String::from_utf8_lossy(&c);
+                    cmdline.contains("__supervise") && cmdline.contains(&marker)
+                })
                 .unwrap_or(false)
         })
         .collect()
@@ -388,7 +392,6 @@ async fn density_point(n: usize) -> DensityPoint {
     });
     let conn = h.connection().await;
     let manager = ManagerProxy::new(&conn).await.unwrap();
-    let mut changes = manager.receive_state_changed().await.unwrap();
     let started = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
     for name in &names {
@@ -407,27 +410,30 @@ async fn density_point(n: usize) -> DensityPoint {
             stopped_by.get_or_insert(err);
         }
     }
-    let mut running = std::collections::HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while running.len() < n && stopped_by.is_none() && Instant::now() < deadline {
-        if let Ok(Some(signal)) = tokio::time::timeout(Duration::from_secs(1), changes.next()).await
-        {
-            let args = signal.args().unwrap();
-            match args.state().as_ref() {
-                "running" => {
-                    running.insert(args.name().to_owned());
-                }
-                "failed" => {
-                    stopped_by.get_or_insert(format!("{} failed", args.name()));
-                }
-                _ => {}
-            }
+    // Poll List(): a signal stream may drop signals under a flood of them.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while stopped_by.is_none() && Instant::now() < deadline {
+        let list = manager.list().await.unwrap();
+        if let Some((name, ..)) = list.iter().find(|(_, state, ..)| state == "failed") {
+            stopped_by = Some(format!("{name} failed"));
         }
+        if list
+            .iter()
+            .filter(|(_, state, ..)| state == "running")
+            .count()
+            == n
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if stopped_by.is_none() && Instant::now() >= deadline {
+        stopped_by = Some("not all running within 180 s".into());
     }
     let all_running_s = started.elapsed().as_secs_f64();
     let daemon = h.daemon_pid();
     let daemon_rss_mib = rss_kib(daemon) / 1024.0;
-    let supervisors = supervisor_pids();
+    let supervisors = supervisor_pids(&h.state_dir());
     let per_machine_kib = supervisors.iter().map(|p| pss_kib(*p)).sum::<f64>() / n.max(1) as f64;
     let mut latencies = Vec::new();
     for _ in 0..200 {

@@ -210,8 +210,13 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
             MsgFlags::MSG_DONTWAIT,
         )
     });
-    if let Err(error) = result {
-        tracing::warn!("cannot notify the service manager at {path}: {error}");
+    match result {
+        Ok(_) => {}
+        // The manager is not reading (a full queue): lose this line quietly.
+        Err(nix::errno::Errno::EAGAIN) => {
+            tracing::debug!("the service manager at {path} is not reading; dropped {message:?}")
+        }
+        Err(error) => tracing::warn!("cannot notify the service manager at {path}: {error}"),
     }
 }
 
