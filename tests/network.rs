@@ -237,6 +237,7 @@ struct ClientNetns {
     name: &'static str,
     host_veth: &'static str,
     host_ip: IpAddr,
+    host_ip6: IpAddr,
 }
 
 impl ClientNetns {
@@ -247,10 +248,14 @@ impl ClientNetns {
         let host_cidr = format!("10.220.0.{}/30", 4 * n + 1);
         let client_cidr = format!("10.220.0.{}/30", 4 * n + 2);
         let host_ip = format!("10.220.0.{}", 4 * n + 1);
+        let host_cidr6 = format!("fd6d:7465:7375:{n:x}::1/64");
+        let client_cidr6 = format!("fd6d:7465:7375:{n:x}::2/64");
+        let host_ip6 = format!("fd6d:7465:7375:{n:x}::1");
         let client = ClientNetns {
             name,
             host_veth,
             host_ip: host_ip.parse().unwrap(),
+            host_ip6: host_ip6.parse().unwrap(),
         };
         for args in [
             vec!["netns", "add", name],
@@ -263,6 +268,20 @@ impl ClientNetns {
             vec!["-n", name, "link", "set", "eth0", "up"],
             vec!["-n", name, "link", "set", "lo", "up"],
             vec!["-n", name, "route", "add", "default", "via", &host_ip],
+            vec!["addr", "add", &host_cidr6, "dev", host_veth, "nodad"],
+            vec![
+                "-n",
+                name,
+                "addr",
+                "add",
+                &client_cidr6,
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+            vec![
+                "-n", name, "-6", "route", "add", "default", "via", &host_ip6,
+            ],
         ] {
             let status = Command::new("ip").args(&args).status().unwrap();
             assert!(status.success(), "ip {args:?}");
@@ -299,6 +318,28 @@ fn answers(addr: SocketAddr, tries: usize) -> BTreeSet<String> {
     (0..tries).filter_map(|_| http_get(addr)).collect()
 }
 
+/// Hostnames answering on `addr` over at most `tries` new connections,
+/// stopping early once `expected` were all seen (the kernel spreads
+/// `SO_REUSEPORT` listeners by a hash, not in turn).
+fn answers_until(addr: SocketAddr, tries: usize, expected: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..tries {
+        if let Some(body) = http_get(addr) {
+            seen.insert(body);
+        }
+        if &seen == expected {
+            break;
+        }
+    }
+    seen
+}
+
+fn sysctl(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default()
+}
+
 #[test]
 fn published_port_is_shared_by_running_machines() {
     let root = fixture("busybox");
@@ -318,10 +359,28 @@ fn published_port_is_shared_by_running_machines() {
     let loopback: SocketAddr = "127.0.0.1:18080".parse().unwrap();
     assert_eq!(answers(loopback, 9), all, "from 127.0.0.1");
 
+    // [::1]: the supervisors' loopback relay, sharing the port by SO_REUSEPORT.
+    let loopback6: SocketAddr = "[::1]:18080".parse().unwrap();
+    assert_eq!(answers_until(loopback6, 60, &all), all, "from [::1]");
+
     let client = ClientNetns::create("rmt-client", "rmt-cli-h", 0);
     let from_other_host = SocketAddr::new(client.host_ip, 18080);
     let seen = client.run(move || answers(from_other_host, 9));
     assert_eq!(seen, all, "from another host");
+    // IPv6 from another host: DNAT in the inet table, forwarded.
+    let from_other_host6 = SocketAddr::new(client.host_ip6, 18080);
+    let seen = client.run(move || answers(from_other_host6, 9));
+    assert_eq!(seen, all, "from another host over IPv6");
+    assert_eq!(sysctl("/proc/sys/net/ipv6/conf/all/forwarding"), "1");
+    // While forwarding is on, no interface ignores router advertisements
+    // (accept_ra 1 would; rmachined raised them to 2).
+    for entry in std::fs::read_dir("/proc/sys/net/ipv6/conf").unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name != "all" {
+            let value = sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/accept_ra"));
+            assert_ne!(value, "1", "{name} has accept_ra 1 while forwarding");
+        }
+    }
 
     // A machine that stops leaves the rotation at once.
     let mut stopped = machines.remove(1);
@@ -331,7 +390,55 @@ fn published_port_is_shared_by_running_machines() {
     assert_eq!(answers(loopback, 6), rest);
     let seen = client.run(move || answers(from_other_host, 6));
     assert_eq!(seen, rest);
+    let seen = client.run(move || answers(from_other_host6, 6));
+    assert_eq!(
+        seen,
+        rest,
+        "over IPv6 after a stop; forwarding {}; table:\n{}",
+        sysctl("/proc/sys/net/ipv6/conf/all/forwarding"),
+        table_text()
+    );
+    // Its loopback relay closed with it: only the running ones answer.
+    assert_eq!(
+        answers_until(loopback6, 40, &rest),
+        rest,
+        "from [::1] after a stop"
+    );
     assert_network_gone(&stopped);
+
+    // Hairpin: a machine reaches another machine through the host's port.
+    // (Its own connections DNATed back to itself are not asserted: with
+    // br_netfilter they are bridged back out of the port they came in by;
+    // see docs/networking.md.)
+    let gw = machines[0]
+        .plan
+        .network
+        .as_ref()
+        .unwrap()
+        .gateway_v4
+        .unwrap();
+    let mut hairpin = BTreeSet::new();
+    let mut errors = String::new();
+    for _ in 0..6 {
+        let out = machines[0].enter(
+            "",
+            &[
+                "/bin/sh",
+                "-c",
+                &format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {gw} 18080 | tail -n 1"),
+            ],
+        );
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if body.is_empty() {
+            errors.push_str(&String::from_utf8_lossy(&out.stderr));
+        } else {
+            hairpin.insert(body);
+        }
+    }
+    assert!(
+        hairpin.contains("nw-web-3"),
+        "a machine through the host's published port: {hairpin:?} {errors}"
+    );
 
     // IPv6 from the host itself, to a host address (not ::1).
     let gw6 = machines[0]
@@ -462,5 +569,78 @@ fn nat_masquerades_traffic_leaving_the_host() {
             .unwrap()
             .trim(),
         "1"
+    );
+}
+
+/// Cleanup removes only what belongs to this configuration: a `ve-*` link
+/// on another bridge (another rmachined's) survives it.
+#[test]
+fn cleanup_leaves_links_on_other_bridges_alone() {
+    require_root();
+    struct Links(&'static [&'static str]);
+    impl Drop for Links {
+        fn drop(&mut self) {
+            for name in self.0 {
+                let _ = Command::new("ip").args(["link", "del", name]).status();
+            }
+        }
+    }
+    let _guard = Links(&["ve-foreign", "rmt-foreignbr", "ve-rmtstale"]);
+    for args in [
+        vec!["link", "add", "rmt-foreignbr", "type", "bridge"],
+        vec![
+            "link",
+            "add",
+            "ve-foreign",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "rmt-foreign-p",
+        ],
+        vec!["link", "set", "ve-foreign", "master", "rmt-foreignbr"],
+    ] {
+        let status = Command::new("ip").args(&args).status().unwrap();
+        assert!(status.success(), "ip {args:?}");
+    }
+    // A leftover on a bridge of our own configuration goes; a separate
+    // configuration keeps the test off the shared test bridge.
+    let mut config = test_network_config();
+    config.bridge = "rmt-cleanbr".into();
+    config.table = "rmachines_test_cleanup".into();
+    let runtime = tempfile::tempdir().unwrap();
+    config.runtime_dir = runtime.path().to_path_buf();
+    let _guard2 = Links(&["rmt-cleanbr"]);
+    for args in [
+        vec!["link", "add", "rmt-cleanbr", "type", "bridge"],
+        vec![
+            "link",
+            "add",
+            "ve-rmtstale",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "rmt-stale-p",
+        ],
+        vec!["link", "set", "ve-rmtstale", "master", "rmt-cleanbr"],
+    ] {
+        let status = Command::new("ip").args(&args).status().unwrap();
+        assert!(status.success(), "ip {args:?}");
+    }
+    network::firewall::cleanup(&config).unwrap();
+    let now = links();
+    assert!(
+        now.contains(&"ve-foreign".to_owned()),
+        "ve-foreign was removed"
+    );
+    assert!(now.contains(&"rmt-foreignbr".to_owned()));
+    assert!(
+        !now.contains(&"ve-rmtstale".to_owned()),
+        "the stale link stayed"
+    );
+    assert!(
+        !now.contains(&"rmt-cleanbr".to_owned()),
+        "the unused bridge stayed"
     );
 }

@@ -24,13 +24,28 @@ use crate::definition::{PortSpec, Protocol};
 const MEMBERS_FILE: &str = "members.json";
 const LOCK_FILE: &str = "members.lock";
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const IPV6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct State {
     /// net.ipv4.ip_forward before rmachined turned it on; restored when no
     /// running machine needs forwarding any more.
     saved_ip_forward: Option<String>,
+    #[serde(default)]
+    ipv6_forwarding: Ipv6Forwarding,
     members: BTreeMap<String, Member>,
+}
+
+/// What rmachined changed to forward IPv6, to be put back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Ipv6Forwarding {
+    /// net.ipv6.conf.all.forwarding before rmachined turned it on.
+    saved: Option<String>,
+    /// Interfaces (and `default`) whose accept_ra rmachined raised from 1
+    /// to 2 while IPv6 forwarding is on, so they keep accepting router
+    /// advertisements; set back to 1 when forwarding is restored.
+    raised_accept_ra: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,6 +197,9 @@ pub fn join(
             plan: plan.clone(),
         },
     );
+    // Recorded before any link exists, so a supervisor that dies while
+    // wiring leaves a member that the next cleanup finds and removes.
+    registry.write(&state)?;
     let result = wire().and_then(|()| apply(&plan.machine, &plan.table, &mut state));
     if let Err(err) = result {
         state.members.remove(&plan.machine);
@@ -210,9 +228,13 @@ pub fn leave(plan: &NetworkPlan) -> Result<(), NetworkError> {
 }
 
 /// Daemon start (after a crash) and daemon exit: drops members whose
-/// supervisor is gone, deletes their links and any `ve-*` link no running
-/// supervisor owns, and rebuilds the table (removing it and the managed
-/// bridge when nothing runs).
+/// supervisor is gone and deletes their links, deletes any `ve-*` link on
+/// this configuration's bridge that no running member owns, and rebuilds
+/// the table (removing it and the managed bridge when nothing runs).
+///
+/// Links on other bridges are never touched unless this instance's
+/// registry recorded them: another rmachined (another `--bridge`) may own
+/// them.
 pub fn cleanup(config: &super::NetworkConfig) -> Result<(), NetworkError> {
     let registry = Registry::open(&config.runtime_dir, "-")?;
     let mut state = registry.read();
@@ -223,8 +245,11 @@ pub fn cleanup(config: &super::NetworkConfig) -> Result<(), NetworkError> {
         .map(|m| m.plan.host_veth.clone())
         .collect();
     for name in link::link_names()? {
-        if name.starts_with(super::VETH_PREFIX) && !owned.contains(&name) {
-            tracing::info!(link = %name, "removing a leftover machine link");
+        if name.starts_with(super::VETH_PREFIX)
+            && !owned.contains(&name)
+            && link::master_of(&name).as_deref() == Some(config.bridge.as_str())
+        {
+            tracing::info!(link = %name, bridge = %config.bridge, "removing a leftover machine link");
             let _ = link::delete_link("-", &name);
         }
     }
@@ -259,6 +284,13 @@ fn apply(machine: &str, table: &str, state: &mut State) -> Result<(), NetworkErr
         }
         state.saved_ip_forward = Some(old.trim().to_owned());
     }
+    // Ports published to other hosts over IPv6 are forwarded.
+    let forwarding_v6 = members
+        .iter()
+        .any(|p| !p.ports.is_empty() && p.ipv6.is_some());
+    if forwarding_v6 {
+        enable_ipv6_forwarding(machine, &mut state.ipv6_forwarding)?;
+    }
     let loopback_bridges: BTreeSet<&str> = members
         .iter()
         .filter(|p| !p.ports.is_empty())
@@ -286,7 +318,71 @@ fn apply(machine: &str, table: &str, state: &mut State) -> Result<(), NetworkErr
             }
         }
     }
+    if !forwarding_v6 {
+        restore_ipv6_forwarding(&mut state.ipv6_forwarding);
+    }
     Ok(())
+}
+
+/// Turns IPv6 forwarding on. A forwarding interface ignores router
+/// advertisements unless its accept_ra is 2, so every interface with
+/// accept_ra = 1 (and `default`, for interfaces that appear meanwhile) is
+/// raised to 2 first: the host keeps its SLAAC addresses and default route.
+fn enable_ipv6_forwarding(machine: &str, state: &mut Ipv6Forwarding) -> Result<(), NetworkError> {
+    if state.saved.is_some() {
+        // Already on; interfaces that appeared since inherited `default`.
+        return Ok(());
+    }
+    let old = fs::read_to_string(IPV6_FORWARD)
+        .map_err(|e| fw_err(machine, format!("reading {IPV6_FORWARD}: {e}")))?;
+    if old.trim() == "1" {
+        // Someone else routes IPv6 here already; their accept_ra is theirs.
+        state.saved = Some("1".into());
+        return Ok(());
+    }
+    for name in ipv6_conf_names() {
+        let path = format!("{IPV6_CONF}/{name}/accept_ra");
+        if name != "all" && fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+            if let Err(e) = fs::write(&path, "2") {
+                tracing::warn!(%e, "raising {path} to 2");
+                continue;
+            }
+            state.raised_accept_ra.insert(name);
+        }
+    }
+    if let Err(e) = fs::write(IPV6_FORWARD, "1") {
+        restore_ipv6_forwarding(state);
+        return Err(fw_err(machine, format!("enabling {IPV6_FORWARD}: {e}")));
+    }
+    state.saved = Some(old.trim().to_owned());
+    Ok(())
+}
+
+/// Writes back IPv6 forwarding, then the accept_ra values raised for it.
+fn restore_ipv6_forwarding(state: &mut Ipv6Forwarding) {
+    if let Some(old) = state.saved.take() {
+        if old != "1" {
+            if let Err(e) = fs::write(IPV6_FORWARD, &old) {
+                tracing::warn!(%e, "restoring {IPV6_FORWARD}");
+            }
+        }
+    }
+    for name in std::mem::take(&mut state.raised_accept_ra) {
+        let path = format!("{IPV6_CONF}/{name}/accept_ra");
+        // Gone interfaces need nothing; one somebody changed meanwhile is theirs.
+        if fs::read_to_string(&path).is_ok_and(|v| v.trim() == "2") {
+            let _ = fs::write(&path, "1");
+        }
+    }
+}
+
+fn ipv6_conf_names() -> Vec<String> {
+    fs::read_dir(IPV6_CONF)
+        .map(|dir| {
+            dir.filter_map(|e| Some(e.ok()?.file_name().to_str()?.to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn matches(left: Value, right: Value) -> Value {
@@ -359,8 +455,32 @@ fn ruleset(table: &str, members: &[&NetworkPlan]) -> Value {
             ],
         ));
     }
+    for bridge in &bridges {
+        // Hairpin: a machine reaching a published port of the host that
+        // leads back into the bridge would get its answer straight from
+        // the other machine, not from the address it asked; masquerading
+        // such DNATed traffic to the bridge's address sends it back here.
+        cmds.push(rule(
+            "postrouting",
+            vec![
+                matches(meta("iifname"), json!(bridge)),
+                matches(meta("oifname"), json!(bridge)),
+                json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
+                json!({"masquerade": null}),
+            ],
+        ));
+    }
     let local = json!({"fib": {"result": "type", "flags": ["daddr"]}});
     for hook in ["prerouting", "output"] {
+        // [::1] is served by the supervisors' loopback relay (IPv6 never
+        // routes a loopback address off the host), not by DNAT.
+        cmds.push(rule(
+            hook,
+            vec![
+                matches(payload("ip6", "daddr"), json!("::1")),
+                json!({"return": null}),
+            ],
+        ));
         cmds.push(rule(
             hook,
             vec![

@@ -168,7 +168,11 @@ pub fn setup_private(plan: &NetworkPlan, pid: libc::pid_t) -> Result<(), Network
             None if plan.managed_bridge => {
                 match host
                     .link()
-                    .add(LinkBridge::new(&plan.bridge).build())
+                    .add(
+                        LinkBridge::new(&plan.bridge)
+                            .address(bridge_mac(&plan.bridge).to_vec())
+                            .build(),
+                    )
                     .execute()
                     .await
                 {
@@ -319,6 +323,17 @@ pub fn setup_loopback_only(machine: &str, pid: libc::pid_t) -> Result<(), Networ
     })
 }
 
+/// A fixed, locally administered MAC address for the managed bridge.
+/// Without one the bridge takes its lowest port's address, which changes
+/// when that machine stops; IPv6 neighbours are not told (no unsolicited
+/// neighbour advertisement by default), so machines would keep sending to
+/// the old address until their neighbour entry expires.
+pub fn bridge_mac(bridge: &str) -> [u8; 6] {
+    let hash = super::address::fnv1a64(bridge.as_bytes()).to_be_bytes();
+    // Locally administered (bit 1), unicast (bit 0 clear).
+    [0x02, hash[0], hash[1], hash[2], hash[3], hash[4]]
+}
+
 /// Deletes a host link by name; false when there was none.
 pub fn delete_link(machine: &str, name: &str) -> Result<bool, NetworkError> {
     run(machine, async {
@@ -346,4 +361,10 @@ pub fn link_names() -> Result<Vec<String>, NetworkError> {
         }
         Ok(names)
     })
+}
+
+/// The bridge (or other master) a host link is attached to, from sysfs.
+pub fn master_of(name: &str) -> Option<String> {
+    let target = std::fs::read_link(format!("/sys/class/net/{name}/master")).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
 }

@@ -10,6 +10,7 @@
 pub mod address;
 pub mod firewall;
 pub mod link;
+pub mod relay;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

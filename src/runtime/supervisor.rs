@@ -331,7 +331,13 @@ impl Supervisor {
                     MachineState::Running
                 };
                 self.set_status(state, container.pid as u32, String::new());
-                Ok(self.watch(&container, kind, &console, &notify))
+                // Started only now that the container is cloned, and
+                // stopped (joined) when this boot ends: the supervisor is
+                // single-threaded whenever it clones (see network::relay).
+                let relay = self.start_loopback_relay();
+                let outcome = self.watch(&container, kind, &console, &notify);
+                drop(relay);
+                Ok(outcome)
             }
             Err(err) => Err(err),
         };
@@ -349,6 +355,18 @@ impl Supervisor {
         let outcome = outcome?;
         cleanup?;
         Ok(outcome)
+    }
+
+    /// Relays the published ports from `[::1]`; a failure costs only that.
+    fn start_loopback_relay(&self) -> Option<crate::network::relay::LoopbackRelay> {
+        let net = self.plan.network.as_ref()?;
+        match crate::network::relay::LoopbackRelay::start(net) {
+            Ok(relay) => relay,
+            Err(err) => {
+                tracing::warn!(machine = self.plan.name(), %err, "starting the loopback relay");
+                None
+            }
+        }
     }
 
     /// The event loop of one boot; returns when init is gone.

@@ -120,6 +120,7 @@ impl Harness {
             .arg(dir.path().join("state"))
             .arg("--storage-dir")
             .arg(dir.path().join("storage"))
+            .args(test_network_args())
             .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "debug")
@@ -278,6 +279,25 @@ impl Drop for Harness {
             eprintln!("--- rmachined log ---\n{}", self.daemon_log());
         }
     }
+}
+
+/// Network flags of a bridge, subnets and table of this harness's own, so
+/// a test daemon never touches a real rmachined's (`rm-br0`, `rmachines`)
+/// nor another test daemon's: its cleanup at start removes what is on its
+/// bridge and in its table.
+fn test_network_args() -> Vec<String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = std::process::id()
+        .wrapping_mul(16)
+        .wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed));
+    let id = n % 4096;
+    vec![
+        format!("--bridge=rmh-{id:x}"),
+        format!("--ipv4-subnet=10.{}.{}.0/24", 160 + id / 256, id % 256),
+        format!("--ipv6-subnet=fd6d:7465:7376:{id:x}::/64"),
+        format!("--nft-table=rmachines_harness_{id:x}"),
+    ]
 }
 
 /// SIGTERM, then SIGKILL after `grace`.
