@@ -222,6 +222,14 @@ impl Manager {
     async fn adopt(&self, name: &str) {
         let dir = runtime::machine_dir(&self.inner.config.state_dir, name);
         let Ok(stream) = UnixStream::connect(dir.join(paths::CONTROL)).await else {
+            // No supervisor: whatever a dead one left (its cgroup, host
+            // directory, socket) goes now.
+            let dir_for_cleanup = dir.clone();
+            let name = name.to_owned();
+            let _ = tokio::task::spawn_blocking(move || {
+                supervisor::remove_leftovers(&dir_for_cleanup, &name)
+            })
+            .await;
             return;
         };
         let plan = std::fs::read(dir.join(paths::PLAN))

@@ -5,6 +5,7 @@ mod common;
 mod support;
 
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -356,4 +357,92 @@ async fn shell_on_a_terminal_passes_the_window_size_and_restores_the_mode() {
         "terminal left in raw mode"
     );
     assert_ok(&h.rmachinectl(&["stop", "tty"]), "stop");
+}
+
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+fn nft_table_exists(table: &str) -> bool {
+    Command::new("nft")
+        .args(["list", "table", "inet", table])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+const WITH_PORT: &str = "[network]\nports = [\"tcp:18391:80\"]\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_leaves_no_link_rule_address_or_cgroup_when_it_exits() {
+    let root = support::fixture("busybox");
+    let mut h = Harness::start_with(|c| write_definition(c, "netexit", &root, WITH_PORT));
+    assert_ok(&h.rmachinectl(&["start", "netexit"]), "start");
+    let (bridge, table) = (h.bridge(), h.nft_table());
+    assert!(
+        link_exists("ve-netexit") && link_exists(&bridge),
+        "machine links missing"
+    );
+    assert!(nft_table_exists(&table), "rules missing");
+    let status = h.rmachinectl(&["status", "netexit", "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(!info["addresses"].as_array().unwrap().is_empty(), "{info}");
+
+    assert!(h.terminate_daemon().success());
+    assert!(
+        !link_exists("ve-netexit"),
+        "veth left after the daemon exited"
+    );
+    assert!(
+        !link_exists(&bridge),
+        "bridge (with the gateway address) left"
+    );
+    assert!(!nft_table_exists(&table), "nftables table left");
+    assert!(!rmachines::runtime::cgroup::machine_cgroup_path("netexit")
+        .unwrap()
+        .exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_after_a_crash_removes_what_the_dead_instance_left() {
+    let root = support::fixture("busybox");
+    let mut h = Harness::start_with(|c| write_definition(c, "crashed", &root, WITH_PORT));
+    assert_ok(&h.rmachinectl(&["start", "crashed"]), "start");
+    let (bridge, table) = (h.bridge(), h.nft_table());
+    let state = std::fs::read(h.state_dir().join("machines/crashed/state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&state).unwrap();
+    let supervisor = state["supervisor"].as_i64().unwrap() as i32;
+    // A crash of everything: the daemon and the machine's supervisor die
+    // without cleaning up (init follows its supervisor: PDEATHSIG).
+    h.kill_daemon();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let cgroup = rmachines::runtime::cgroup::machine_cgroup_path("crashed").unwrap();
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{supervisor}")).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        link_exists(&bridge) && nft_table_exists(&table) && cgroup.exists(),
+        "the crash left nothing to clean up"
+    );
+
+    h.spawn_daemon();
+    assert!(!link_exists(&bridge), "bridge of the dead instance left");
+    assert!(!nft_table_exists(&table), "rules of the dead instance left");
+    assert!(!cgroup.exists(), "cgroup of the dead instance left");
+    assert_eq!(state_of(&h, "crashed"), "stopped");
+    // And the machine starts again cleanly.
+    assert_ok(
+        &h.rmachinectl(&["start", "crashed"]),
+        "start after the crash",
+    );
+    assert_ok(&h.rmachinectl(&["stop", "crashed"]), "stop");
 }

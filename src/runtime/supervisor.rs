@@ -109,6 +109,24 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RuntimeError> {
     fs::rename(&tmp, path).map_err(RuntimeError::io(format!("renaming to {}", path.display())))
 }
 
+/// Removes what a supervisor that died without cleaning up (SIGKILL, a
+/// crash of the host's OOM killer) left: its machine's cgroup, the host
+/// directory, the root mount point and the stale control socket. Called for
+/// machines no live supervisor answers for.
+pub fn remove_leftovers(machine_dir: &Path, name: &str) {
+    if let Ok(cgroup) = cgroup::machine_cgroup_path(name) {
+        if cgroup.exists() {
+            tracing::info!(machine = name, cgroup = %cgroup.display(), "removing a dead supervisor's cgroup");
+            if let Err(err) = cgroup::remove_machine_cgroup(&cgroup, Duration::from_secs(5)) {
+                tracing::warn!(machine = name, %err, "cannot remove a leftover cgroup");
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(machine_dir.join(paths::HOST_DIR));
+    let _ = fs::remove_dir(machine_dir.join(paths::ROOT_MOUNT));
+    let _ = fs::remove_file(machine_dir.join(paths::CONTROL));
+}
+
 /// Reads the last state a supervisor wrote (for re-adoption and for tests).
 pub fn read_state(machine_dir: &Path) -> Option<Status> {
     let data = fs::read(machine_dir.join(paths::STATE)).ok()?;

@@ -60,6 +60,7 @@ pub struct Harness {
     address: String,
     notify: UnixDatagram,
     notifications: Vec<String>,
+    network_args: Vec<String>,
 }
 
 impl Harness {
@@ -112,17 +113,40 @@ impl Harness {
             .set_read_timeout(Some(Duration::from_millis(200)))
             .expect("notify socket timeout");
 
-        let log = std::fs::File::create(dir.path().join("rmachined.log")).expect("create log");
-        let daemon = Command::new(&install.rmachined)
+        let mut harness = Harness {
+            install,
+            dir,
+            bus,
+            daemon: None,
+            address,
+            notify,
+            notifications: Vec::new(),
+            network_args: test_network_args(),
+        };
+        harness.spawn_daemon();
+        harness
+    }
+
+    /// Starts rmachined (again) on this harness's bus and directories and
+    /// waits for its READY=1.
+    pub fn spawn_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "rmachined already runs");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("rmachined.log"))
+            .expect("open log");
+        let dir = self.dir.path();
+        let daemon = Command::new(&self.install.rmachined)
             .arg("--config-dir")
-            .arg(dir.path().join("config"))
+            .arg(dir.join("config"))
             .arg("--state-dir")
-            .arg(dir.path().join("state"))
+            .arg(dir.join("state"))
             .arg("--storage-dir")
-            .arg(dir.path().join("storage"))
-            .args(test_network_args())
-            .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
-            .env("NOTIFY_SOCKET", &notify_path)
+            .arg(dir.join("storage"))
+            .args(&self.network_args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .env("NOTIFY_SOCKET", dir.join("notify"))
             .env("RUST_LOG", "debug")
             .env_remove("JOURNAL_STREAM")
             .env_remove("WATCHDOG_USEC")
@@ -130,18 +154,33 @@ impl Harness {
             .stderr(log)
             .spawn()
             .expect("start rmachined");
+        self.daemon = Some(daemon);
+        self.notifications.clear();
+        self.wait_for_notification("READY=1", START_TIMEOUT);
+    }
 
-        let mut harness = Harness {
-            install,
-            dir,
-            bus,
-            daemon: Some(daemon),
-            address,
-            notify,
-            notifications: Vec::new(),
-        };
-        harness.wait_for_notification("READY=1", START_TIMEOUT);
-        harness
+    /// SIGKILL to rmachined: a crash. Its supervisors live on.
+    pub fn kill_daemon(&mut self) {
+        let mut daemon = self.daemon.take().expect("rmachined is running");
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+    }
+
+    /// This harness's own bridge and nftables table names.
+    pub fn bridge(&self) -> String {
+        self.flag("--bridge=")
+    }
+
+    pub fn nft_table(&self) -> String {
+        self.flag("--nft-table=")
+    }
+
+    fn flag(&self, prefix: &str) -> String {
+        self.network_args
+            .iter()
+            .find_map(|a| a.strip_prefix(prefix))
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// The daemon's host pid (0 once it was terminated).
