@@ -448,34 +448,41 @@ impl Manager {
             name: name.to_owned(),
             message,
         };
-        let plan = tokio::task::spawn_blocking(move || -> Result<MachinePlan, String> {
-            let ids = idrange::assign_range(
-                &config.storage_dir,
-                &owned_name,
-                &definition.users,
-                &HostIdFiles::default(),
-            )
-            .map_err(|e| e.to_string())?;
-            let network = network::plan_network(&definition, &config.network, &config.storage_dir)
+        let plan = tokio::task::spawn_blocking(
+            move || -> Result<(MachinePlan, std::os::unix::net::UnixStream), String> {
+                let ids = idrange::assign_range(
+                    &config.storage_dir,
+                    &owned_name,
+                    &definition.users,
+                    &HostIdFiles::default(),
+                )
                 .map_err(|e| e.to_string())?;
-            let plan = MachinePlan {
-                ids,
-                machine_dir: runtime::machine_dir(&config.state_dir, &owned_name),
-                cgroup: cgroup::machine_cgroup_path(&owned_name).map_err(|e| e.to_string())?,
-                definition,
-                network,
-            };
-            // A machine root without init fails here with a clear sentence.
-            runtime::container::inspect_init(&plan).map_err(|e| e.to_string())?;
-            let mut child = supervisor::launch(&helper, &plan).map_err(|e| e.to_string())?;
-            let _ = child.wait();
-            Ok(plan)
-        })
+                let network =
+                    network::plan_network(&definition, &config.network, &config.storage_dir)
+                        .map_err(|e| e.to_string())?;
+                let plan = MachinePlan {
+                    ids,
+                    machine_dir: runtime::machine_dir(&config.state_dir, &owned_name),
+                    cgroup: cgroup::machine_cgroup_path(&owned_name).map_err(|e| e.to_string())?,
+                    definition,
+                    network,
+                };
+                // A machine root without init fails here with a clear sentence.
+                runtime::container::inspect_init(&plan).map_err(|e| e.to_string())?;
+                let mut launched = supervisor::launch(&helper, &plan).map_err(|e| e.to_string())?;
+                let _ = launched.child.wait();
+                launched
+                    .control
+                    .set_nonblocking(true)
+                    .map_err(|e| e.to_string())?;
+                Ok((plan, launched.control))
+            },
+        )
         .await
         .map_err(|e| failed(e.to_string()))?
         .map_err(failed)?;
-        let stream = UnixStream::connect(plan.machine_dir.join(paths::CONTROL))
-            .await
+        let (plan, control) = plan;
+        let stream = UnixStream::from_std(control)
             .map_err(|e| failed(format!("connecting to the supervisor: {e}")))?;
         // The plan goes in first so the first status already shows the addresses.
         if let Some(entry) = self.lock().get_mut(name) {

@@ -212,16 +212,36 @@ pub fn join(
     registry.write(&state)
 }
 
-/// Unregisters the machine, deletes its veth, rebuilds (or removes) the
-/// table, and removes the managed bridge when no machine uses it any more.
+/// Takes the machine out of the rules (its published ports, NAT) while its
+/// guest shuts down: new connections stop going to it at once, and the
+/// rebuild of the table overlaps the guest's shutdown instead of adding to
+/// the stop. Its links stay until [`leave`].
+pub fn withdraw(plan: &NetworkPlan) -> Result<(), NetworkError> {
+    let registry = Registry::open(&plan.runtime_dir, &plan.machine)?;
+    let mut state = registry.read();
+    if state.members.remove(&plan.machine).is_none() {
+        return Ok(());
+    }
+    prune(&mut state);
+    let applied = apply(&plan.machine, &plan.table, &mut state);
+    registry.write(&state)?;
+    applied
+}
+
+/// Unregisters the machine, deletes its veth and rebuilds (or removes) the
+/// table, unless [`withdraw`] already did. The managed bridge stays for the
+/// next machine; the daemon removes it when it exits ([`cleanup`]).
 pub fn leave(plan: &NetworkPlan) -> Result<(), NetworkError> {
     let registry = Registry::open(&plan.runtime_dir, &plan.machine)?;
     let mut state = registry.read();
-    state.members.remove(&plan.machine);
+    let was_member = state.members.remove(&plan.machine).is_some();
     prune(&mut state);
     let deleted = link::delete_link(&plan.machine, &plan.host_veth);
-    let applied = apply(&plan.machine, &plan.table, &mut state);
-    remove_unused_bridge(plan, &state);
+    let applied = if was_member {
+        apply(&plan.machine, &plan.table, &mut state)
+    } else {
+        Ok(())
+    };
     registry.write(&state)?;
     deleted?;
     applied

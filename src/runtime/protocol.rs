@@ -109,7 +109,11 @@ pub struct Client {
 
 impl Client {
     pub fn connect(control: &Path) -> std::io::Result<Client> {
-        let stream = UnixStream::connect(control)?;
+        Client::from_stream(UnixStream::connect(control)?)
+    }
+
+    /// A client on an existing connection (see `supervisor::Launched`).
+    pub fn from_stream(stream: UnixStream) -> std::io::Result<Client> {
         let writer = stream.try_clone()?;
         Ok(Client {
             reader: BufReader::new(stream),

@@ -42,10 +42,18 @@ const STOP_RESEND: Duration = Duration::from_secs(1);
 const RESTART_BURST: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(10);
 
+/// A supervisor just launched: the launcher child (it exits at once, as the
+/// supervisor forks away from it; reap it) and a connection to the control
+/// socket, made before the supervisor ran, so even a supervisor that fails
+/// and exits at once is heard.
+pub struct Launched {
+    pub child: Child,
+    pub control: UnixStream,
+}
+
 /// Writes the plan, binds the control socket and starts
-/// `helper __supervise <machine-dir>` in a session of its own. The returned
-/// child exits at once (the supervisor forks away from it); reap it.
-pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Child, RuntimeError> {
+/// `helper __supervise <machine-dir>` in a session of its own.
+pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeError> {
     let dir = &plan.machine_dir;
     fs::create_dir_all(dir).map_err(RuntimeError::io(format!("creating {}", dir.display())))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
@@ -62,6 +70,11 @@ pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Child, RuntimeError> 
         .map_err(RuntimeError::io(format!("binding {}", control.display())))?;
     fs::set_permissions(&control, fs::Permissions::from_mode(0o600))
         .map_err(RuntimeError::io("chmod control socket"))?;
+    // Queued in the backlog until the supervisor accepts it.
+    let client = UnixStream::connect(&control).map_err(RuntimeError::io(format!(
+        "connecting to {}",
+        control.display()
+    )))?;
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -100,7 +113,10 @@ pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Child, RuntimeError> 
         helper.display()
     )))?;
     drop(listener);
-    Ok(child)
+    Ok(Launched {
+        child,
+        control: client,
+    })
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RuntimeError> {
@@ -402,6 +418,7 @@ impl Supervisor {
         );
         let mut stop: Option<StopProgress> = None;
         let mut killed = false;
+        let mut withdrawn = false;
         let mut buf = vec![0u8; 16384];
         loop {
             if self.stop_requested && stop.is_none() {
@@ -439,6 +456,16 @@ impl Supervisor {
                     );
                     let _ = sys::pidfd_send_signal(container.pidfd.as_fd(), libc::SIGKILL);
                     killed = true;
+                }
+            }
+            // Once the stop signal is on its way, the machine leaves the
+            // rules while its guest shuts down (see firewall::withdraw).
+            if !withdrawn && stop.as_ref().is_some_and(|p| p.last_sent.is_some()) {
+                withdrawn = true;
+                if let Some(net) = &self.plan.network {
+                    if let Err(err) = crate::network::firewall::withdraw(net) {
+                        tracing::warn!(machine = self.plan.name(), %err, "withdrawing the machine's rules");
+                    }
                 }
             }
             let timeout = if stop.is_some() {

@@ -141,10 +141,10 @@ impl TestMachine {
             .expect("network plan"),
             definition: def,
         };
-        let supervisor =
+        let launched =
             runtime::supervisor::launch(helper_binary(), &plan).expect("launch supervisor");
-        let client =
-            Client::connect(&plan.machine_dir.join(paths::CONTROL)).expect("connect control");
+        let supervisor = launched.child;
+        let client = Client::from_stream(launched.control).expect("control connection");
         TestMachine {
             plan,
             supervisor,
@@ -221,7 +221,12 @@ impl Drop for TestMachine {
     fn drop(&mut self) {
         let _ = self.client.send(Control::Kill);
         let _ = self.supervisor.wait();
+        // The supervisor is done when it closes the control connection.
+        while let Ok(Some(_)) = self.client.next(Duration::from_secs(10)) {}
         let _ = runtime::cgroup::remove_machine_cgroup(&self.plan.cgroup, Duration::from_secs(5));
+        // Machines leave the shared test bridge in place for the next one, as
+        // under a daemon; without one, the last machine's drop removes it.
+        let _ = rmachines::network::firewall::cleanup(&test_network_config());
     }
 }
 
