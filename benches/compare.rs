@@ -394,14 +394,19 @@ async fn density_point(n: usize) -> DensityPoint {
     let manager = ManagerProxy::new(&conn).await.unwrap();
     let started = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
+    // The bus allows a connection only so many pending replies.
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
     for name in &names {
         let manager = manager.clone();
         let name = name.clone();
+        let permit = in_flight.clone().acquire_owned().await.unwrap();
         calls.spawn(async move {
-            manager
+            let result = manager
                 .start(&name)
                 .await
-                .map_err(|e| format!("{name}: {e}"))
+                .map_err(|e| format!("{name}: {e}"));
+            drop(permit);
+            result
         });
     }
     let mut stopped_by = None;
