@@ -16,3 +16,4 @@ pub mod definition;
 pub mod manager;
 pub mod network;
 pub mod runtime;
+pub mod statefile;

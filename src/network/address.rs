@@ -4,16 +4,15 @@
 //! machine has the same address across restarts and daemon restarts.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use super::{Ipv4Cidr, Ipv6Cidr, NetworkConfig, NetworkError};
 use crate::definition::AddressSpec;
+use crate::statefile::{LockedDir, StateFileError};
 
 const REGISTRY_FILE: &str = "addresses.json";
 const LOCK_FILE: &str = "addresses.lock";
@@ -240,79 +239,51 @@ pub fn check_host_routes(config: &NetworkConfig) -> Result<(), NetworkError> {
     Ok(())
 }
 
+/// The address registry, held under its lock for as long as this lives.
 struct Store {
-    dir: PathBuf,
+    locked: LockedDir,
     machine: String,
-    _lock: Flock<File>,
 }
 
 impl Store {
-    fn io(&self, action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> NetworkError {
-        let machine = self.machine.clone();
-        let path = path.to_path_buf();
-        move |source| NetworkError::Io {
-            machine,
-            action,
-            path,
-            source,
+    fn io_error(machine: &str, e: StateFileError) -> NetworkError {
+        NetworkError::Io {
+            machine: machine.to_owned(),
+            action: e.action,
+            path: e.path,
+            source: e.source,
         }
     }
 
     fn open(dir: &Path, machine: &str) -> Result<Store, NetworkError> {
-        let io_err = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| NetworkError::Io {
-                machine: machine.to_owned(),
-                action,
-                path,
-                source,
-            }
-        };
-        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err("open", &lock_path))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| io_err("lock", &lock_path)(errno.into()))?;
+        let locked = LockedDir::lock(dir, LOCK_FILE).map_err(|e| Self::io_error(machine, e))?;
         Ok(Store {
-            dir: dir.to_path_buf(),
+            locked,
             machine: machine.to_owned(),
-            _lock: lock,
         })
     }
 
-    fn registry_path(&self) -> PathBuf {
-        self.dir.join(REGISTRY_FILE)
+    fn registry_path(&self) -> std::path::PathBuf {
+        self.locked.path(REGISTRY_FILE)
     }
 
     fn read(&self) -> Result<Registry, NetworkError> {
-        let path = self.registry_path();
-        match fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| {
-                NetworkError::Config(format!(
-                    "{} is not a valid address registry ({e}); repair it or move it away \
-                     (machines then get new addresses)",
-                    path.display()
-                ))
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Registry::new()),
-            Err(e) => Err(self.io("read", &path)(e)),
+        match self.locked.read_json(REGISTRY_FILE) {
+            Ok(registry) => Ok(registry.unwrap_or_else(Registry::new)),
+            Err(e) if e.action == "parse" => Err(NetworkError::Config(format!(
+                "{} is not a valid address registry ({}); repair it or move it away \
+                 (machines then get new addresses)",
+                e.path.display(),
+                e.source
+            ))),
+            Err(e) => Err(Self::io_error(&self.machine, e)),
         }
     }
 
     fn write(&self, registry: &Registry) -> Result<(), NetworkError> {
-        let path = self.registry_path();
-        let tmp = self.dir.join(format!("{REGISTRY_FILE}.tmp"));
-        let json = serde_json::to_vec_pretty(registry).unwrap_or_default();
-        let mut file = File::create(&tmp).map_err(self.io("create", &tmp))?;
-        file.write_all(&json)
-            .and_then(|()| file.sync_all())
-            .map_err(self.io("write", &tmp))?;
-        fs::rename(&tmp, &path).map_err(self.io("replace", &path))
+        self.locked
+            .write_json(REGISTRY_FILE, registry)
+            .map_err(|e| Self::io_error(&self.machine, e))
     }
 }
 

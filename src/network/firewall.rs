@@ -9,17 +9,17 @@
 //! anyone else's table is ever touched.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{link, NetworkError, NetworkPlan};
 use crate::definition::{PortSpec, Protocol};
+use crate::statefile::LockedDir;
 
 const MEMBERS_FILE: &str = "members.json";
 const LOCK_FILE: &str = "members.lock";
@@ -63,60 +63,44 @@ fn fw_err(machine: &str, message: String) -> NetworkError {
     }
 }
 
+/// The members registry, held under its lock for as long as this lives.
 struct Registry {
-    dir: PathBuf,
+    locked: LockedDir,
     machine: String,
-    _lock: Flock<File>,
 }
 
 impl Registry {
     fn open(dir: &Path, machine: &str) -> Result<Registry, NetworkError> {
-        let io_err = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| NetworkError::Io {
-                machine: machine.to_owned(),
-                action,
-                path,
-                source,
-            }
-        };
-        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err("open", &lock_path))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| io_err("lock", &lock_path)(errno.into()))?;
-        Ok(Registry {
-            dir: dir.to_path_buf(),
+        let locked = LockedDir::lock(dir, LOCK_FILE).map_err(|e| NetworkError::Io {
             machine: machine.to_owned(),
-            _lock: lock,
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        })?;
+        Ok(Registry {
+            locked,
+            machine: machine.to_owned(),
         })
     }
 
     fn read(&self) -> State {
         // An unreadable registry is treated as empty: the table is rebuilt
         // from what is written next, and stale links are found by name.
-        fs::read_to_string(self.dir.join(MEMBERS_FILE))
+        self.locked
+            .read_json(MEMBERS_FILE)
             .ok()
-            .and_then(|text| serde_json::from_str(&text).ok())
+            .flatten()
             .unwrap_or_default()
     }
 
     fn write(&self, state: &State) -> Result<(), NetworkError> {
-        let path = self.dir.join(MEMBERS_FILE);
-        let tmp = self.dir.join(format!("{MEMBERS_FILE}.tmp"));
-        let json = serde_json::to_vec_pretty(state).unwrap_or_default();
-        fs::write(&tmp, json)
-            .and_then(|()| fs::rename(&tmp, &path))
-            .map_err(|source| NetworkError::Io {
+        self.locked
+            .write_json(MEMBERS_FILE, state)
+            .map_err(|e| NetworkError::Io {
                 machine: self.machine.clone(),
-                action: "write",
-                path,
-                source,
+                action: e.action,
+                path: e.path,
+                source: e.source,
             })
     }
 }

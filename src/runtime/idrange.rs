@@ -4,14 +4,14 @@
 //! its files keep their owners.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::definition::{UidBase, Users, ID_BLOCK};
+use crate::statefile::{LockedDir, StateFileError};
 
 /// First host id `pick` hands out; below it live system and regular users.
 const PICK_START: u32 = 0x0008_0000;
@@ -346,95 +346,64 @@ fn read_lines(machine: &str, path: &Path) -> Result<Vec<String>, IdRangeError> {
 
 /// The registry, held under an exclusive lock for as long as this lives.
 struct Store {
-    dir: PathBuf,
+    locked: LockedDir,
     machine: String,
-    _lock: Flock<File>,
 }
 
 impl Store {
     fn open(dir: &Path, machine: &str) -> Result<Store, IdRangeError> {
-        let io_error = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| IdRangeError::Io {
+        let locked = LockedDir::lock(dir, LOCK_FILE).map_err(|e| match e.action {
+            "lock" => IdRangeError::Lock {
+                machine: machine.to_string(),
+                path: e.path,
+                source: nix::errno::Errno::from_raw(e.source.raw_os_error().unwrap_or(0)),
+            },
+            action => IdRangeError::Io {
                 machine: machine.to_string(),
                 action,
-                path,
-                source,
-            }
-        };
-        fs::create_dir_all(dir).map_err(io_error("create", dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_error("open", &lock_path))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
-            IdRangeError::Lock {
-                machine: machine.to_string(),
-                path: lock_path.clone(),
-                source: errno,
-            }
+                path: e.path,
+                source: e.source,
+            },
         })?;
         Ok(Store {
-            dir: dir.to_path_buf(),
+            locked,
             machine: machine.to_string(),
-            _lock: lock,
         })
     }
 
-    fn registry_path(&self) -> PathBuf {
-        self.dir.join(REGISTRY_FILE)
+    fn registry_path(&self) -> std::path::PathBuf {
+        self.locked.path(REGISTRY_FILE)
     }
 
     fn read(&self) -> Result<Registry, IdRangeError> {
-        let path = self.registry_path();
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Registry::new()),
-            Err(source) => {
-                return Err(IdRangeError::Io {
-                    machine: self.machine.clone(),
-                    action: "read",
-                    path,
-                    source,
-                })
-            }
-        };
-        serde_json::from_str(&text).map_err(|e| IdRangeError::Registry {
-            machine: self.machine.clone(),
-            path,
-            reason: e.to_string(),
-        })
+        self.locked
+            .read_json(REGISTRY_FILE)
+            .map(|registry| registry.unwrap_or_else(Registry::new))
+            .map_err(|e| self.error(e))
     }
 
-    /// Writes the registry to a temporary file and renames it into place, so
-    /// a crash leaves the old or the new registry, never half of one.
+    /// Replaced atomically: a crash leaves the old or the new registry,
+    /// never half of one.
     fn write(&self, registry: &Registry) -> Result<(), IdRangeError> {
-        let path = self.registry_path();
-        let tmp = self.dir.join(format!("{REGISTRY_FILE}.tmp"));
-        let io_error = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| IdRangeError::Io {
+        self.locked
+            .write_json(REGISTRY_FILE, registry)
+            .map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: StateFileError) -> IdRangeError {
+        match e.action {
+            "parse" | "serialize" => IdRangeError::Registry {
+                machine: self.machine.clone(),
+                path: e.path,
+                reason: e.source.to_string(),
+            },
+            action => IdRangeError::Io {
                 machine: self.machine.clone(),
                 action,
-                path,
-                source,
-            }
-        };
-        let json = serde_json::to_vec_pretty(registry).map_err(|e| IdRangeError::Registry {
-            machine: self.machine.clone(),
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let mut file = File::create(&tmp).map_err(io_error("create", &tmp))?;
-        file.write_all(&json)
-            .and_then(|()| file.write_all(b"\n"))
-            .and_then(|()| file.sync_all())
-            .map_err(io_error("write", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io_error("replace", &path))?;
-        Ok(())
+                path: e.path,
+                source: e.source,
+            },
+        }
     }
 }
 

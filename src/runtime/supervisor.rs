@@ -120,9 +120,8 @@ pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeErro
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RuntimeError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, data).map_err(RuntimeError::io(format!("writing {}", tmp.display())))?;
-    fs::rename(&tmp, path).map_err(RuntimeError::io(format!("renaming to {}", path.display())))
+    crate::statefile::write_atomic(path, data)
+        .map_err(|e| RuntimeError::io(format!("{} {}", e.action, e.path.display()))(e.source))
 }
 
 /// Removes what a supervisor that died without cleaning up (SIGKILL, a

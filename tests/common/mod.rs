@@ -330,10 +330,11 @@ fn test_network_args() -> Vec<String> {
     let n = std::process::id()
         .wrapping_mul(16)
         .wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed));
-    let id = n % 4096;
+    // /20 each (4094 machines: room for the benchmark's density sweep).
+    let id = n % 1024;
     vec![
         format!("--bridge=rmh-{id:x}"),
-        format!("--ipv4-subnet=10.{}.{}.0/24", 160 + id / 256, id % 256),
+        format!("--ipv4-subnet=10.{}.{}.0/20", 160 + id / 16, (id % 16) * 16),
         format!("--ipv6-subnet=fd6d:7465:7376:{id:x}::/64"),
         format!("--nft-table=rmachines_harness_{id:x}"),
     ]
