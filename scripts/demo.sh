@@ -27,30 +27,8 @@ if [ -S /run/dbus/system_bus_socket ]; then
 else
 	address=unix:path=$run/system_bus_socket
 	if ! [ -S "$run/system_bus_socket" ]; then
-		cat > "$run/bus.conf" <<CONF
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>$address</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-  </policy>
-  <include>$PWD/dbus/org.rmachines1.conf</include>
-</busconfig>
-CONF
+		sed -e "s|@LISTEN@|$address|" -e "s|@POLICY@|$PWD/dbus/org.rmachines1.conf|" \
+			dbus/private-bus.conf.in >"$run/bus.conf"
 		dbus-daemon --config-file="$run/bus.conf" --fork --print-pid >"$run/bus.pid"
 	fi
 fi

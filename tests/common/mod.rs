@@ -358,34 +358,9 @@ fn terminate(child: &mut Child, grace: Duration) -> ExitStatus {
 /// A system-bus-like policy (deny by default, as the real system bus does)
 /// plus the project's own policy file, so the test exercises it.
 fn bus_config_xml(socket: &Path, project_policy: &Path) -> String {
-    format!(
-        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"#,
-        socket = socket.display(),
-        policy = project_policy.display(),
-    )
+    include_str!("../../dbus/private-bus.conf.in")
+        .replace("@LISTEN@", &format!("unix:path={}", socket.display()))
+        .replace("@POLICY@", &project_policy.display().to_string())
 }
 
 /// Writes `<config>/<name>.toml` with `root` and any extra TOML lines.

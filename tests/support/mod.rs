@@ -1,7 +1,6 @@
 //! Shared helpers for the tests that boot real machines (as root).
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -71,35 +70,12 @@ pub fn helper_binary() -> &'static Path {
 
 /// A definition with the SPEC's defaults.
 pub fn definition(name: &str, root: &Path) -> Definition {
-    Definition {
-        name: name.into(),
-        file: PathBuf::from(format!("/nonexistent/{name}.toml")),
-        root: root.into(),
-        boot: true,
-        command: vec!["/sbin/init".into()],
-        hostname: name.into(),
-        autostart: false,
-        restart: RestartPolicy::No,
-        environment: BTreeMap::new(),
-        stop_timeout: Duration::from_secs(30),
-        stop_signal: StopSignal::Auto,
-        notify_ready: NotifyReady::Auto,
-        read_only: false,
-        ephemeral: false,
-        users: Users {
-            base: UidBase::Pick,
-            size: 65536,
-        },
-        network: Network {
-            mode: NetworkMode::None,
-            address: AddressSpec::Auto,
-            nat: false,
-            ports: vec![],
-            bridge: String::new(),
-        },
-        resources: Resources::default(),
-        binds: vec![],
-    }
+    let file = PathBuf::from(format!("/nonexistent/{name}.toml"));
+    let text = format!(
+        "root = {:?}\n[network]\nmode = \"none\"\n",
+        root.display().to_string()
+    );
+    parse_definition(name, &file, &text).expect("the test definition parses")
 }
 
 /// A machine booted straight through the runtime (no daemon), torn down on drop.
