@@ -611,6 +611,12 @@ fn report(
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes --bench; anything else (a test run) only checks
+    // that the harness builds.
+    if !args.iter().any(|a| a == "--bench") {
+        println!("benches/compare: run it with scripts/bench.sh");
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let opts = Options {
         quick,

@@ -93,13 +93,19 @@ impl Harness {
         let bus_config = dir.path().join("bus.conf");
         std::fs::write(&bus_config, bus_config_xml(&socket, &install.policy))
             .expect("write the bus config");
-        let mut bus = Command::new("/usr/bin/dbus-daemon")
-            .arg(format!("--config-file={}", bus_config.display()))
+        let mut bus = Command::new("/usr/bin/dbus-daemon");
+        bus.arg(format!("--config-file={}", bus_config.display()))
             .args(["--nofork", "--nopidfile", "--print-address"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start dbus-daemon");
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; nothing else runs between
+        // fork and exec. The bus goes with a test process that dies.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut bus, || {
+                rmachines::runtime::sys::set_parent_death_signal(libc::SIGTERM)
+            });
+        }
+        let mut bus = bus.spawn().expect("start dbus-daemon");
         let mut line = String::new();
         BufReader::new(bus.stdout.take().expect("dbus-daemon stdout"))
             .read_line(&mut line)
@@ -137,7 +143,8 @@ impl Harness {
             .open(self.dir.path().join("rmachined.log"))
             .expect("open log");
         let dir = self.dir.path();
-        let daemon = Command::new(&self.install.rmachined)
+        let mut daemon = Command::new(&self.install.rmachined);
+        daemon
             .arg("--config-dir")
             .arg(dir.join("config"))
             .arg("--state-dir")
@@ -151,9 +158,18 @@ impl Harness {
             .env_remove("JOURNAL_STREAM")
             .env_remove("WATCHDOG_USEC")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start rmachined");
+            .stderr(log);
+        // A test process that dies (killed, aborted) takes its daemon along
+        // the graceful way: SIGTERM stops the machines and removes the
+        // bridge and rules, instead of leaving them to nobody.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between
+        // fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut daemon, || {
+                rmachines::runtime::sys::set_parent_death_signal(libc::SIGTERM)
+            });
+        }
+        let daemon = daemon.spawn().expect("start rmachined");
         self.daemon = Some(daemon);
         self.notifications.clear();
         self.wait_for_notification("READY=1", START_TIMEOUT);
