@@ -146,10 +146,3 @@ fn remove_tree(path: &Path) -> io::Result<()> {
         other => other,
     }
 }
-
-/// Whether any process is left in the cgroup tree.
-pub fn is_populated(path: &Path) -> bool {
-    fs::read_to_string(path.join("cgroup.events"))
-        .map(|events| events.lines().any(|l| l == "populated 1"))
-        .unwrap_or(false)
-}

@@ -333,13 +333,6 @@ pub fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
     check(ret as libc::c_long).map(|_| ())
 }
 
-/// `prctl(PR_SET_CHILD_SUBREAPER, 1)`.
-pub fn set_child_subreaper() -> io::Result<()> {
-    // SAFETY: plain prctl with integer arguments.
-    let ret = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    check(ret as libc::c_long).map(|_| ())
-}
-
 /// Closes every descriptor from `first` up, except those in `keep`.
 pub fn close_fds_from(first: RawFd, keep: &[RawFd]) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
