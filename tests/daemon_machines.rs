@@ -4,6 +4,7 @@
 mod common;
 mod support;
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -445,4 +446,102 @@ async fn a_daemon_after_a_crash_removes_what_the_dead_instance_left() {
         "start after the crash",
     );
     assert_ok(&h.rmachinectl(&["stop", "crashed"]), "stop");
+}
+
+/// The addresses in the table's NAT set for the daemon's bridge.
+fn nat_elements(table: &str, bridge: &str) -> BTreeSet<String> {
+    let out = Command::new("nft")
+        .args([
+            "-j",
+            "list",
+            "set",
+            "inet",
+            table,
+            &format!("nat4-{bridge}"),
+        ])
+        .output()
+        .expect("run nft");
+    if !out.status.success() {
+        return BTreeSet::new();
+    }
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft -j output");
+    listing["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item["set"]["elem"].as_array())
+        .flatten()
+        .filter_map(|elem| elem.as_str().map(str::to_owned))
+        .collect()
+}
+
+fn ipv4_of(h: &Harness, name: &str) -> String {
+    let status = h.rmachinectl(&["status", name, "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status --json");
+    info["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str())
+        .find(|a| !a.contains(':'))
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("{name} has no IPv4 address: {info}"))
+        .to_owned()
+}
+
+/// A machine adds or removes only its own NAT address (an element of one
+/// set, not a rebuild of the table), and a table removed behind the
+/// daemon's back is rebuilt whole, with every running machine, at the next
+/// change.
+#[tokio::test(flavor = "multi_thread")]
+async fn nat_set_follows_the_running_machines_and_a_lost_table_is_rebuilt() {
+    let root = support::fixture("busybox");
+    let names = ["nat1", "nat2", "nat3"];
+    let h = Harness::start_with(|c| {
+        for name in names {
+            write_definition(c, name, &root, "");
+        }
+    });
+    let (bridge, table) = (h.bridge(), h.nft_table());
+    assert_ok(&h.rmachinectl(&["start", "nat1"]), "start nat1");
+    assert_ok(&h.rmachinectl(&["start", "nat2"]), "start nat2");
+    let (a1, a2) = (ipv4_of(&h, "nat1"), ipv4_of(&h, "nat2"));
+    assert_eq!(
+        nat_elements(&table, &bridge),
+        BTreeSet::from([a1.clone(), a2.clone()])
+    );
+    // The rule masquerades the set's addresses.
+    let listing = Command::new("nft")
+        .args(["list", "chain", "inet", &table, "postrouting"])
+        .output()
+        .expect("nft");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains(&format!(
+            "ip saddr @nat4-{bridge} oifname != \"{bridge}\" masquerade"
+        )),
+        "{listing}"
+    );
+
+    assert_ok(&h.rmachinectl(&["stop", "nat1"]), "stop nat1");
+    assert_eq!(nat_elements(&table, &bridge), BTreeSet::from([a2.clone()]));
+
+    // Somebody flushes our table; the next start puts all of it back.
+    let deleted = Command::new("nft")
+        .args(["delete", "table", "inet", &table])
+        .status()
+        .expect("nft");
+    assert!(deleted.success());
+    assert_ok(&h.rmachinectl(&["start", "nat3"]), "start nat3");
+    let a3 = ipv4_of(&h, "nat3");
+    assert_eq!(
+        nat_elements(&table, &bridge),
+        BTreeSet::from([a2.clone(), a3.clone()])
+    );
+    assert_ok(&h.rmachinectl(&["stop", "nat2"]), "stop nat2");
+    assert_ok(&h.rmachinectl(&["stop", "nat3"]), "stop nat3");
+    assert!(
+        !nft_table_exists(&table),
+        "table left after the last machine"
+    );
 }

@@ -3,10 +3,13 @@
 //!
 //! Every supervisor of a private machine registers in
 //! `<runtime_dir>/members.json` (under an flock) while its machine runs.
-//! Whenever membership changes, the table is rebuilt whole from the registry
-//! in one atomic `nft -j -f -` transaction, so a port shared by several
-//! machines always rotates over exactly the running ones, and no rule of
-//! anyone else's table is ever touched.
+//! The table's rules depend on the bridges in use and the published ports
+//! (its [`Shape`]); the NAT addresses live in one set per bridge. A machine
+//! that only changes a NAT set (the common case: no published ports, a
+//! bridge already in use) adds or deletes its element; any other change
+//! rebuilds the table whole from the registry in one atomic `nft -j -f -`
+//! transaction, so a port shared by several machines always rotates over
+//! exactly the running ones. No rule of anyone else's table is touched.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -35,6 +38,70 @@ struct State {
     #[serde(default)]
     ipv6_forwarding: Ipv6Forwarding,
     members: BTreeMap<String, Member>,
+    /// The shape of the table as last written whole; None: unknown (the
+    /// next change rebuilds it).
+    #[serde(default)]
+    shape: Option<Shape>,
+}
+
+/// Everything the table's rules depend on except the NAT addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Shape {
+    bridges: BTreeSet<String>,
+    published: Vec<Published>,
+}
+
+/// One published host port and the machines it rotates over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Published {
+    protocol: String,
+    host_port: u16,
+    machine_port: u16,
+    v4: Vec<String>,
+    v6: Vec<String>,
+}
+
+impl Shape {
+    fn of(members: &[&NetworkPlan]) -> Shape {
+        let bridges = members.iter().map(|p| p.bridge.clone()).collect();
+        let mut published: BTreeMap<(&str, u16), Published> = BTreeMap::new();
+        for plan in members {
+            for port in &plan.ports {
+                let protocol = match port.protocol {
+                    Protocol::Tcp => "tcp",
+                    Protocol::Udp => "udp",
+                };
+                let entry = published
+                    .entry((protocol, port.host_port))
+                    .or_insert_with(|| Published {
+                        protocol: protocol.to_owned(),
+                        host_port: port.host_port,
+                        machine_port: port.machine_port,
+                        v4: Vec::new(),
+                        v6: Vec::new(),
+                    });
+                if let Some(v4) = plan.ipv4 {
+                    entry.v4.push(v4.addr.to_string());
+                }
+                if let Some(v6) = plan.ipv6 {
+                    entry.v6.push(v6.addr.to_string());
+                }
+            }
+        }
+        Shape {
+            bridges,
+            published: published.into_values().collect(),
+        }
+    }
+}
+
+/// The membership change an [`apply`] follows.
+#[derive(Clone, Copy)]
+enum Change<'a> {
+    Joined(&'a NetworkPlan),
+    Left(&'a NetworkPlan),
+    /// Several members or none changed, or the table may have drifted.
+    Unknown,
 }
 
 /// What rmachined changed to forward IPv6, to be put back.
@@ -105,26 +172,48 @@ impl Registry {
     }
 }
 
-fn supervisor_alive(pid: u32) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|cmd| cmd.split(|b| *b == 0).any(|arg| arg == b"__supervise"))
-        .unwrap_or(false)
+/// How closely [`prune`] checks that a member's supervisor still runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    /// The process exists (one `kill(pid, 0)` per member): cheap enough
+    /// for every join and leave with a thousand members.
+    Exists,
+    /// The process exists and is an `rmachined __supervise` (reads its
+    /// command line): also catches a reused pid. Daemon start and exit.
+    IsSupervisor,
 }
 
-/// Drops members whose supervisor is gone and deletes their veths.
-fn prune(state: &mut State) {
+fn supervisor_alive(pid: u32, liveness: Liveness) -> bool {
+    let Ok(raw) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    let exists = !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None),
+        Err(nix::errno::Errno::ESRCH)
+    );
+    exists
+        && (liveness == Liveness::Exists
+            || fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|cmd| cmd.split(|b| *b == 0).any(|arg| arg == b"__supervise"))
+                .unwrap_or(false))
+}
+
+/// Drops members whose supervisor is gone and deletes their veths; true
+/// when it dropped any.
+fn prune(state: &mut State, liveness: Liveness) -> bool {
     let dead: Vec<String> = state
         .members
         .iter()
-        .filter(|(_, m)| !supervisor_alive(m.supervisor))
+        .filter(|(_, m)| !supervisor_alive(m.supervisor, liveness))
         .map(|(name, _)| name.clone())
         .collect();
-    for name in dead {
-        if let Some(member) = state.members.remove(&name) {
+    for name in &dead {
+        if let Some(member) = state.members.remove(name) {
             tracing::info!(machine = %name, "removing the network of a machine whose supervisor is gone");
-            let _ = link::delete_link(&name, &member.plan.host_veth);
+            let _ = link::delete_link(name, &member.plan.host_veth);
         }
     }
+    !dead.is_empty()
 }
 
 /// Rejects published ports that clash with a running machine's: the same
@@ -141,7 +230,7 @@ pub fn check_ports(
     let state = registry.read();
     for port in ports {
         for (other, member) in &state.members {
-            if other == machine || !supervisor_alive(member.supervisor) {
+            if other == machine || !supervisor_alive(member.supervisor, Liveness::Exists) {
                 continue;
             }
             if let Some(theirs) = member.plan.ports.iter().find(|p| {
@@ -164,31 +253,45 @@ pub fn check_ports(
     Ok(())
 }
 
-/// Registers the machine, runs `wire` (creating its links) and rebuilds the
-/// table, all under the registry lock. On failure nothing of the machine's
-/// stays behind.
+/// Registers the machine, runs `wire` (creating its links) and adds it to
+/// the table. The registry lock is held to register and to update the
+/// table, not while wiring, so machines starting together create their
+/// links in parallel. On failure nothing of the machine's stays behind.
 pub fn join(
     plan: &NetworkPlan,
     wire: impl FnOnce() -> Result<(), NetworkError>,
 ) -> Result<(), NetworkError> {
+    {
+        let registry = Registry::open(&plan.runtime_dir, &plan.machine)?;
+        let mut state = registry.read();
+        if prune(&mut state, Liveness::Exists) {
+            state.shape = None;
+        }
+        state.members.insert(
+            plan.machine.clone(),
+            Member {
+                supervisor: std::process::id(),
+                plan: plan.clone(),
+            },
+        );
+        // Recorded before any link exists, so a supervisor that dies while
+        // wiring leaves a member that the next cleanup finds and removes,
+        // and the managed bridge is not removed under it.
+        registry.write(&state)?;
+    }
+    let wired = wire();
     let registry = Registry::open(&plan.runtime_dir, &plan.machine)?;
     let mut state = registry.read();
-    prune(&mut state);
-    state.members.insert(
-        plan.machine.clone(),
-        Member {
-            supervisor: std::process::id(),
-            plan: plan.clone(),
-        },
-    );
-    // Recorded before any link exists, so a supervisor that dies while
-    // wiring leaves a member that the next cleanup finds and removes.
-    registry.write(&state)?;
-    let result = wire().and_then(|()| apply(&plan.machine, &plan.table, &mut state));
+    let change = if prune(&mut state, Liveness::Exists) {
+        Change::Unknown
+    } else {
+        Change::Joined(plan)
+    };
+    let result = wired.and_then(|()| apply(&plan.machine, &plan.table, &mut state, change));
     if let Err(err) = result {
         state.members.remove(&plan.machine);
         let _ = link::delete_link(&plan.machine, &plan.host_veth);
-        let _ = apply(&plan.machine, &plan.table, &mut state);
+        let _ = apply(&plan.machine, &plan.table, &mut state, Change::Unknown);
         remove_unused_bridge(plan, &state);
         let _ = registry.write(&state);
         return Err(err);
@@ -206,8 +309,12 @@ pub fn withdraw(plan: &NetworkPlan) -> Result<(), NetworkError> {
     if state.members.remove(&plan.machine).is_none() {
         return Ok(());
     }
-    prune(&mut state);
-    let applied = apply(&plan.machine, &plan.table, &mut state);
+    let change = if prune(&mut state, Liveness::Exists) {
+        Change::Unknown
+    } else {
+        Change::Left(plan)
+    };
+    let applied = apply(&plan.machine, &plan.table, &mut state, change);
     registry.write(&state)?;
     applied
 }
@@ -219,12 +326,12 @@ pub fn leave(plan: &NetworkPlan) -> Result<(), NetworkError> {
     let registry = Registry::open(&plan.runtime_dir, &plan.machine)?;
     let mut state = registry.read();
     let was_member = state.members.remove(&plan.machine).is_some();
-    prune(&mut state);
+    let pruned = prune(&mut state, Liveness::Exists);
     let deleted = link::delete_link(&plan.machine, &plan.host_veth);
-    let applied = if was_member {
-        apply(&plan.machine, &plan.table, &mut state)
-    } else {
-        Ok(())
+    let applied = match (was_member, pruned) {
+        (true, false) => apply(&plan.machine, &plan.table, &mut state, Change::Left(plan)),
+        (_, true) => apply(&plan.machine, &plan.table, &mut state, Change::Unknown),
+        (false, false) => Ok(()),
     };
     registry.write(&state)?;
     deleted?;
@@ -242,7 +349,7 @@ pub fn leave(plan: &NetworkPlan) -> Result<(), NetworkError> {
 pub fn cleanup(config: &super::NetworkConfig) -> Result<(), NetworkError> {
     let registry = Registry::open(&config.runtime_dir, "-")?;
     let mut state = registry.read();
-    prune(&mut state);
+    prune(&mut state, Liveness::IsSupervisor);
     let owned: BTreeSet<String> = state
         .members
         .values()
@@ -257,7 +364,7 @@ pub fn cleanup(config: &super::NetworkConfig) -> Result<(), NetworkError> {
             let _ = link::delete_link("-", &name);
         }
     }
-    let result = apply("-", &config.table, &mut state);
+    let result = apply("-", &config.table, &mut state, Change::Unknown);
     let uses_bridge = state
         .members
         .values()
@@ -275,9 +382,16 @@ fn remove_unused_bridge(plan: &NetworkPlan, state: &State) {
     }
 }
 
-/// Rebuilds the table from `state`, or deletes it when nothing needs it;
-/// turns IPv4 forwarding on while a machine needs it and restores it after.
-fn apply(machine: &str, table: &str, state: &mut State) -> Result<(), NetworkError> {
+/// Brings the table in line with `state` after `change`: adds or deletes
+/// one NAT element when that is all that changed, else rebuilds the table
+/// whole (or deletes it when nothing needs it). Turns IPv4 forwarding on
+/// while a machine needs it and restores it after.
+fn apply(
+    machine: &str,
+    table: &str,
+    state: &mut State,
+    change: Change<'_>,
+) -> Result<(), NetworkError> {
     let members: Vec<&NetworkPlan> = state.members.values().map(|m| &m.plan).collect();
     let forwarding = members.iter().any(|p| p.nat || !p.ports.is_empty());
     if forwarding && state.saved_ip_forward.is_none() {
@@ -301,9 +415,33 @@ fn apply(machine: &str, table: &str, state: &mut State) -> Result<(), NetworkErr
         .map(|p| p.bridge.as_str())
         .collect();
     if members.is_empty() {
+        state.shape = None;
         delete_table(machine, table)?;
     } else {
-        nft(machine, &ruleset(table, &members))?;
+        let shape = Shape::of(&members);
+        let incremental = match (&state.shape, change) {
+            (Some(applied), Change::Joined(plan) | Change::Left(plan)) if *applied == shape => {
+                Some(nat_element_change(
+                    table,
+                    plan,
+                    matches!(change, Change::Joined(_)),
+                ))
+            }
+            _ => None,
+        };
+        let done = match incremental {
+            // Neither its NAT nor the shape changed: nothing to write.
+            Some(None) => true,
+            // A table changed behind our back makes this fail; the
+            // rebuild below repairs it.
+            Some(Some(commands)) => nft(machine, &commands).is_ok(),
+            None => false,
+        };
+        if !done {
+            state.shape = None;
+            nft(machine, &ruleset(table, &members, &shape))?;
+            state.shape = Some(shape);
+        }
     }
     // route_localnet only on bridges that carry loopback-published ports,
     // after the guard rules are in place (see docs/networking.md).
@@ -411,7 +549,7 @@ fn loopback4() -> Value {
 
 /// The whole table as one nft JSON transaction: create-then-delete-then-
 /// create makes it atomic and idempotent whether or not the table existed.
-fn ruleset(table: &str, members: &[&NetworkPlan]) -> Value {
+fn ruleset(table: &str, members: &[&NetworkPlan], shape: &Shape) -> Value {
     let mut cmds = vec![
         json!({"add": {"table": {"family": "inet", "name": table}}}),
         json!({"delete": {"table": {"family": "inet", "name": table}}}),
@@ -434,8 +572,8 @@ fn ruleset(table: &str, members: &[&NetworkPlan]) -> Value {
     cmds.push(chain("postrouting", Some(("nat", "postrouting", 100))));
     cmds.push(chain("ports", None));
 
-    let bridges: BTreeSet<&str> = members.iter().map(|p| p.bridge.as_str()).collect();
-    for bridge in &bridges {
+    let bridges = &shape.bridges;
+    for bridge in bridges {
         // With route_localnet on the bridge, nothing from a machine may
         // reach the host's loopback addresses or pose as them.
         for field in ["daddr", "saddr"] {
@@ -459,7 +597,7 @@ fn ruleset(table: &str, members: &[&NetworkPlan]) -> Value {
             ],
         ));
     }
-    for bridge in &bridges {
+    for bridge in bridges {
         // Hairpin: a machine reaching a published port of the host that
         // leads back into the bridge would get its answer straight from
         // the other machine, not from the address it asked; masquerading
@@ -493,41 +631,38 @@ fn ruleset(table: &str, members: &[&NetworkPlan]) -> Value {
             ],
         ));
     }
-    for plan in members {
-        if let (true, Some(v4)) = (plan.nat, plan.ipv4) {
-            cmds.push(rule(
-                "postrouting",
-                vec![
-                    matches(payload("ip", "saddr"), json!(v4.addr.to_string())),
-                    not_matches(meta("oifname"), json!(plan.bridge)),
-                    json!({"masquerade": null}),
-                ],
-            ));
+    for bridge in bridges {
+        // Masquerade what the bridge's NAT machines send elsewhere; their
+        // addresses are the elements of the bridge's set.
+        let mut set =
+            json!({"family": "inet", "table": table, "name": nat_set(bridge), "type": "ipv4_addr"});
+        let elements: Vec<String> = members
+            .iter()
+            .filter(|p| p.bridge == *bridge)
+            .filter_map(nat_address)
+            .collect();
+        if !elements.is_empty() {
+            set["elem"] = json!(elements);
         }
+        cmds.push(json!({"add": {"set": set}}));
+        cmds.push(rule(
+            "postrouting",
+            vec![
+                matches(
+                    payload("ip", "saddr"),
+                    json!(format!("@{}", nat_set(bridge))),
+                ),
+                not_matches(meta("oifname"), json!(bridge)),
+                json!({"masquerade": null}),
+            ],
+        ));
     }
 
-    // (protocol, host port) -> (machine port, [v4 targets], [v6 targets]).
-    type Targets = (u16, Vec<String>, Vec<String>);
-    let mut published: BTreeMap<(&str, u16), Targets> = BTreeMap::new();
-    for plan in members {
-        for port in &plan.ports {
-            let proto = match port.protocol {
-                Protocol::Tcp => "tcp",
-                Protocol::Udp => "udp",
-            };
-            let entry = published
-                .entry((proto, port.host_port))
-                .or_insert_with(|| (port.machine_port, Vec::new(), Vec::new()));
-            if let Some(v4) = plan.ipv4 {
-                entry.1.push(v4.addr.to_string());
-            }
-            if let Some(v6) = plan.ipv6 {
-                entry.2.push(v6.addr.to_string());
-            }
-        }
-    }
-    for ((proto, host_port), (machine_port, v4, v6)) in published {
-        for (nfproto, family, targets) in [("ipv4", "ip", v4), ("ipv6", "ip6", v6)] {
+    for published in &shape.published {
+        for (nfproto, family, targets) in [
+            ("ipv4", "ip", &published.v4),
+            ("ipv6", "ip6", &published.v6),
+        ] {
             if targets.is_empty() {
                 continue;
             }
@@ -540,20 +675,48 @@ fn ruleset(table: &str, members: &[&NetworkPlan]) -> Value {
                 "ports",
                 vec![
                     matches(meta("nfproto"), json!(nfproto)),
-                    matches(payload(proto, "dport"), json!(host_port)),
+                    matches(
+                        payload(&published.protocol, "dport"),
+                        json!(published.host_port),
+                    ),
                     json!({"dnat": {
                         "family": family,
                         "addr": {"map": {
                             "key": {"numgen": {"mode": "inc", "mod": targets.len(), "offset": 0}},
                             "data": {"set": map},
                         }},
-                        "port": machine_port,
+                        "port": published.machine_port,
                     }}),
                 ],
             ));
         }
     }
     json!({"nftables": cmds})
+}
+
+/// The set holding the NAT addresses of `bridge`'s machines.
+fn nat_set(bridge: &str) -> String {
+    format!("nat4-{bridge}")
+}
+
+/// The address a machine is masqueraded from, if it uses NAT.
+fn nat_address(plan: &&NetworkPlan) -> Option<String> {
+    match (plan.nat, plan.ipv4) {
+        (true, Some(v4)) => Some(v4.addr.to_string()),
+        _ => None,
+    }
+}
+
+/// The one-element transaction that adds (or deletes) the machine's NAT
+/// address; None when the machine has none.
+fn nat_element_change(table: &str, plan: &NetworkPlan, add: bool) -> Option<Value> {
+    let addr = nat_address(&plan)?;
+    let element = json!({"element": {
+        "family": "inet", "table": table, "name": nat_set(&plan.bridge), "elem": [addr],
+    }});
+    let mut command = serde_json::Map::new();
+    command.insert((if add { "add" } else { "delete" }).to_owned(), element);
+    Some(json!({"nftables": [command]}))
 }
 
 fn nft(machine: &str, ruleset: &Value) -> Result<(), NetworkError> {
