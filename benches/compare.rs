@@ -2,6 +2,9 @@
 //!
 //!     scripts/bench.sh            # full run, writes docs/benchmarks.md + docs/density.svg
 //!     scripts/bench.sh --quick    # CI: N <= 10, few repetitions
+//!     scripts/bench.sh --only density --sweep 500   # one case, prints only
+//!
+//! Cases for `--only`: boot (and stop), start, shell, density.
 //!
 //! Runs alternate between rmachines and the reference. Figures are medians
 //! and p95 of this run's own measurements; nothing is typed in. Needs root,
@@ -618,38 +621,65 @@ fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
+    // While profiling: `--only density --sweep 500` runs that alone and
+    // writes no docs (the docs hold whole runs only).
+    let value_of = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let only = value_of("--only");
+    let runs_case = |case: &str| only.as_deref().is_none_or(|o| o == case);
+    let sweep = match value_of("--sweep") {
+        Some(list) => list
+            .split(',')
+            .map(|n| n.trim().parse().expect("--sweep takes N,N,..."))
+            .collect(),
+        None if quick => vec![1, 10],
+        None => vec![1, 10, 100, 200, 500, 1000],
+    };
+    let partial = only.is_some() || value_of("--sweep").is_some();
     let opts = Options {
         quick,
         runs: if quick { 2 } else { 7 },
-        sweep: if quick {
-            vec![1, 10]
-        } else {
-            vec![1, 10, 100, 200, 500, 1000]
-        },
+        sweep,
     };
     support::require_root();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut rows = Vec::new();
     let mut breakdown = Vec::new();
-    eprintln!("boot and stop ...");
-    boot_and_stop(&opts, &mut rows, &mut breakdown);
-    eprintln!("start overhead ...");
-    runtime.block_on(start_overhead(&opts, &mut rows));
-    eprintln!("shell round trip ...");
-    shell_round_trip(&opts, &mut rows);
+    if runs_case("boot") {
+        eprintln!("boot and stop ...");
+        boot_and_stop(&opts, &mut rows, &mut breakdown);
+    }
+    if runs_case("start") {
+        eprintln!("start overhead ...");
+        runtime.block_on(start_overhead(&opts, &mut rows));
+    }
+    if runs_case("shell") {
+        eprintln!("shell round trip ...");
+        shell_round_trip(&opts, &mut rows);
+    }
     let mut points = Vec::new();
-    for n in &opts.sweep {
-        eprintln!("density N = {n} ...");
-        let point = runtime.block_on(density_point(*n));
-        let stop = point.stopped_by.is_some();
-        points.push(point);
-        if stop {
-            break;
+    if runs_case("density") {
+        for n in &opts.sweep {
+            eprintln!("density N = {n} ...");
+            let point = runtime.block_on(density_point(*n));
+            let stop = point.stopped_by.is_some();
+            points.push(point);
+            if stop {
+                break;
+            }
         }
     }
     let nspawn_rss = nspawn_rss_mib();
     let md = report(&opts, &rows, &breakdown, &points, nspawn_rss);
     println!("{md}");
+    if partial {
+        eprintln!("a partial run (--only/--sweep): docs/benchmarks.md left as it is");
+        return;
+    }
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
     std::fs::write(docs.join("benchmarks.md"), &md).unwrap();
     std::fs::write(docs.join("density.svg"), svg(&points)).unwrap();
