@@ -540,8 +540,17 @@ async fn nat_set_follows_the_running_machines_and_a_lost_table_is_rebuilt() {
     );
     assert_ok(&h.rmachinectl(&["stop", "nat2"]), "stop nat2");
     assert_ok(&h.rmachinectl(&["stop", "nat3"]), "stop nat3");
+    // Like the bridge, the table waits for the next machine ...
+    assert!(
+        nft_table_exists(&table),
+        "table removed with the last machine"
+    );
+    assert!(nat_elements(&table, &bridge).is_empty());
+    // ... and goes with the daemon.
+    let mut h = h;
+    assert!(h.terminate_daemon().success());
     assert!(
         !nft_table_exists(&table),
-        "table left after the last machine"
+        "table left after the daemon exited"
     );
 }

@@ -197,6 +197,26 @@ fn machines_reach_each_other_over_the_bridge() {
     a.sh(&format!("ping -c 1 -W 3 {}", v4(&b)));
 }
 
+/// The network is wired while the child mounts its root, but init runs
+/// only after it: the first thing init sees is host0 up with its address
+/// and the default route.
+#[test]
+fn init_starts_with_its_network_in_place() {
+    let root = fixture("busybox");
+    let mut def = private_definition("nw-early", &root);
+    def.boot = false;
+    def.command = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "{ ip -4 -o addr show dev host0; ip -4 route; } >/run/at-start 2>&1; exec sleep 600".into(),
+    ];
+    let m = boot(def);
+    let seen = m.sh("cat /run/at-start");
+    let addr = v4(&m).to_string();
+    assert!(seen.contains(&format!("inet {addr}/")), "{seen}");
+    assert!(seen.contains("default via"), "{seen}");
+}
+
 #[test]
 fn mode_none_has_only_loopback_up() {
     let root = fixture("busybox");

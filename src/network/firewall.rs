@@ -95,6 +95,17 @@ impl Shape {
     }
 }
 
+impl Shape {
+    /// Whether a table of this shape serves `wanted` once the NAT sets are
+    /// right: the same published ports, and rules for every bridge in use.
+    /// Rules for a bridge no machine uses any more match nothing and stay
+    /// (as the managed bridge does) until the next rebuild; so the table
+    /// outlives its last machine, with empty sets, until the daemon exits.
+    fn serves(&self, wanted: &Shape) -> bool {
+        self.published == wanted.published && wanted.bridges.is_subset(&self.bridges)
+    }
+}
+
 /// The membership change an [`apply`] follows.
 #[derive(Clone, Copy)]
 enum Change<'a> {
@@ -279,7 +290,9 @@ pub fn join(
         // and the managed bridge is not removed under it.
         registry.write(&state)?;
     }
+    let started = std::time::Instant::now();
     let wired = wire();
+    tracing::debug!(machine = %plan.machine, elapsed_us = started.elapsed().as_micros() as u64, "links wired");
     let registry = Registry::open(&plan.runtime_dir, &plan.machine)?;
     let mut state = registry.read();
     let change = if prune(&mut state, Liveness::Exists) {
@@ -296,6 +309,7 @@ pub fn join(
         let _ = registry.write(&state);
         return Err(err);
     }
+    tracing::debug!(machine = %plan.machine, elapsed_us = started.elapsed().as_micros() as u64, "rules applied");
     registry.write(&state)
 }
 
@@ -319,9 +333,10 @@ pub fn withdraw(plan: &NetworkPlan) -> Result<(), NetworkError> {
     applied
 }
 
-/// Unregisters the machine, deletes its veth and rebuilds (or removes) the
-/// table, unless [`withdraw`] already did. The managed bridge stays for the
-/// next machine; the daemon removes it when it exits ([`cleanup`]).
+/// Unregisters the machine, deletes its veth and takes it out of the table,
+/// unless [`withdraw`] already did. The managed bridge and the table stay
+/// for the next machine; the daemon removes them when it exits
+/// ([`cleanup`]).
 pub fn leave(plan: &NetworkPlan) -> Result<(), NetworkError> {
     let registry = Registry::open(&plan.runtime_dir, &plan.machine)?;
     let mut state = registry.read();
@@ -384,7 +399,8 @@ fn remove_unused_bridge(plan: &NetworkPlan, state: &State) {
 
 /// Brings the table in line with `state` after `change`: adds or deletes
 /// one NAT element when that is all that changed, else rebuilds the table
-/// whole (or deletes it when nothing needs it). Turns IPv4 forwarding on
+/// whole (or deletes it when no machine runs and the change is not a
+/// single machine leaving: daemon start and exit). Turns IPv4 forwarding on
 /// while a machine needs it and restores it after.
 fn apply(
     machine: &str,
@@ -414,31 +430,30 @@ fn apply(
         .filter(|p| !p.ports.is_empty())
         .map(|p| p.bridge.as_str())
         .collect();
-    if members.is_empty() {
+    let shape = Shape::of(&members);
+    let incremental = match (&state.shape, change) {
+        (Some(applied), Change::Joined(plan) | Change::Left(plan)) if applied.serves(&shape) => {
+            Some(nat_element_change(
+                table,
+                plan,
+                matches!(change, Change::Joined(_)),
+            ))
+        }
+        _ => None,
+    };
+    let done = match incremental {
+        // Neither its NAT nor the shape changed: nothing to write.
+        Some(None) => true,
+        // A table changed behind our back makes this fail; the rebuild
+        // below repairs it.
+        Some(Some(commands)) => nft(machine, &commands).is_ok(),
+        None => false,
+    };
+    if !done {
         state.shape = None;
-        delete_table(machine, table)?;
-    } else {
-        let shape = Shape::of(&members);
-        let incremental = match (&state.shape, change) {
-            (Some(applied), Change::Joined(plan) | Change::Left(plan)) if *applied == shape => {
-                Some(nat_element_change(
-                    table,
-                    plan,
-                    matches!(change, Change::Joined(_)),
-                ))
-            }
-            _ => None,
-        };
-        let done = match incremental {
-            // Neither its NAT nor the shape changed: nothing to write.
-            Some(None) => true,
-            // A table changed behind our back makes this fail; the
-            // rebuild below repairs it.
-            Some(Some(commands)) => nft(machine, &commands).is_ok(),
-            None => false,
-        };
-        if !done {
-            state.shape = None;
+        if members.is_empty() {
+            delete_table(machine, table)?;
+        } else {
             nft(machine, &ruleset(table, &members, &shape))?;
             state.shape = Some(shape);
         }

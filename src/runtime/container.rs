@@ -207,6 +207,14 @@ fn parent_setup(
     pid: libc::pid_t,
     sock: BorrowedFd<'_>,
 ) -> Result<(), RuntimeError> {
+    let started = std::time::Instant::now();
+    let step = |what: &str| {
+        tracing::debug!(
+            machine = plan.name(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "{what}"
+        )
+    };
     let ids = plan.ids;
     let map = format!("0 {} {}\n", ids.base, ids.size);
     for file in ["uid_map", "gid_map"] {
@@ -217,15 +225,9 @@ fn parent_setup(
     let userns = File::open(format!("/proc/{pid}/ns/user"))
         .map_err(RuntimeError::io("opening the machine's user namespace"))?;
 
-    // The child waits for its root below, so init cannot run before its
-    // network is in place.
-    match &plan.network {
-        Some(net) => {
-            crate::network::firewall::join(net, || crate::network::link::setup_private(net, pid))?
-        }
-        None => crate::network::link::setup_loopback_only(plan.name(), pid)?,
-    }
-
+    // The child mounts its root while the network is wired here; it
+    // execs init only after RUN, so init never runs before its network is
+    // in place.
     let def = &plan.definition;
     let mut trees = vec![idmapped_tree(&def.root, def.read_only, userns.as_fd())?];
     for bind in &def.binds {
@@ -242,12 +244,27 @@ fn parent_setup(
     )
     .map_err(|e| RuntimeError::io("handing the root to the container")(e.into()))?;
     drop(trees);
+    step("root handed over");
+
+    match &plan.network {
+        Some(net) => {
+            crate::network::firewall::join(net, || crate::network::link::setup_private(net, pid))?
+        }
+        None => crate::network::link::setup_loopback_only(plan.name(), pid)?,
+    }
+    step("network ready");
+    // A child that failed meanwhile has closed its end: its message is
+    // read below.
+    let _ = nix::sys::socket::send(sock.as_raw_fd(), RUN, MsgFlags::MSG_NOSIGNAL);
 
     // The child's end closes on exec (EOF) or carries an error message.
     let mut buf = vec![0u8; 4096];
     loop {
         match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-            Ok(0) => return Ok(()),
+            Ok(0) => {
+                step("init executing");
+                return Ok(());
+            }
             Ok(n) => {
                 return Err(RuntimeError::Child(
                     String::from_utf8_lossy(&buf[..n]).into_owned(),
@@ -388,6 +405,7 @@ fn child_main(
         .collect::<Result<_, _>>()
         .map_err(|_| RuntimeError::Child("command contains a NUL byte".into()))?;
     let env = guest_environment(plan)?;
+    wait_for_run(sock)?;
     sys::close_fds_from(3, &[sock.as_raw_fd()]);
     security::confine(&program)?;
     let err = nix::unistd::execve(&argv[0], &argv, &env).unwrap_err();
@@ -396,6 +414,27 @@ fn child_main(
         plan.definition.command[0]
     ))(err.into()))
 }
+
+/// The supervisor wires the network while the child mounts; init runs
+/// only once it says so.
+fn wait_for_run(sock: BorrowedFd<'_>) -> Result<(), RuntimeError> {
+    let mut buf = [0u8; 8];
+    loop {
+        match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(n) if &buf[..n] == RUN => return Ok(()),
+            Ok(_) => {
+                return Err(RuntimeError::Child(
+                    "the supervisor gave up before init could run".into(),
+                ))
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(RuntimeError::io("waiting for the network")(e.into())),
+        }
+    }
+}
+
+/// The message that lets the child exec init.
+const RUN: &[u8] = b"run";
 
 fn receive_trees(sock: BorrowedFd<'_>, count: usize) -> Result<Vec<OwnedFd>, RuntimeError> {
     let mut buf = [0u8; 16];

@@ -375,14 +375,25 @@ impl Supervisor {
             Err(err) => Err(err),
         };
         drop(notify);
+        let ended = Instant::now();
         let _ = fs::remove_file(host_dir.join(paths::NOTIFY));
         let cleanup = cgroup::remove_machine_cgroup(&self.plan.cgroup, Duration::from_secs(10));
+        tracing::debug!(
+            machine = self.plan.name(),
+            elapsed_us = ended.elapsed().as_micros() as u64,
+            "cgroup removed"
+        );
         if let Some(net) = &self.plan.network {
             // Idempotent: also right when the boot failed before or while
             // the network was joined.
             if let Err(err) = crate::network::firewall::leave(net) {
                 tracing::warn!(machine = self.plan.name(), %err, "removing the machine's network");
             }
+            tracing::debug!(
+                machine = self.plan.name(),
+                elapsed_us = ended.elapsed().as_micros() as u64,
+                "network removed"
+            );
         }
         drop(console);
         let outcome = outcome?;
