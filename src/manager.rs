@@ -523,14 +523,9 @@ impl Manager {
                 break;
             }
         }
-        // The follower clears the link after the supervisor's exit.
-        while self
-            .lock()
-            .get(name)
-            .is_some_and(|e| e.supervisor.is_some())
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        // The follower clears the link after the supervisor's exit, then
+        // drops the sender: that ends the wait, without polling.
+        while status.changed().await.is_ok() {}
         Ok(())
     }
 

@@ -251,6 +251,22 @@ fn address_is_stable_across_restarts() {
         .contains(&second.ipv4.unwrap().to_string()));
 }
 
+/// The kernel removes a stopped machine's veth with its network namespace;
+/// when something outside keeps that namespace alive, the supervisor
+/// deletes the veth itself before it reports the machine stopped.
+#[test]
+fn veth_goes_even_when_the_namespace_outlives_the_machine() {
+    let root = fixture("busybox");
+    let mut m = boot(private_definition("nw-held", &root));
+    let host_veth = m.plan.network.as_ref().unwrap().host_veth.clone();
+    let held = std::fs::File::open(format!("/proc/{}/ns/net", m.leader())).expect("netns");
+    m.stop();
+    m.wait_end(BOOT);
+    assert!(!links().contains(&host_veth), "{host_veth} left behind");
+    // The namespace itself lives on while we hold it: only the pair went.
+    drop(held);
+}
+
 /// A network namespace standing for another host, wired to the host over
 /// a veth pair; removed on drop.
 struct ClientNetns {

@@ -333,25 +333,33 @@ pub fn withdraw(plan: &NetworkPlan) -> Result<(), NetworkError> {
     applied
 }
 
-/// Unregisters the machine, deletes its veth and takes it out of the table,
-/// unless [`withdraw`] already did. The managed bridge and the table stay
+/// Unregisters the machine and takes it out of the table, unless
+/// [`withdraw`] already did, then makes sure its veth is gone (see
+/// [`link::remove_machine_link`]). The managed bridge and the table stay
 /// for the next machine; the daemon removes them when it exits
 /// ([`cleanup`]).
 pub fn leave(plan: &NetworkPlan) -> Result<(), NetworkError> {
-    let registry = Registry::open(&plan.runtime_dir, &plan.machine)?;
-    let mut state = registry.read();
-    let was_member = state.members.remove(&plan.machine).is_some();
-    let pruned = prune(&mut state, Liveness::Exists);
-    let deleted = link::delete_link(&plan.machine, &plan.host_veth);
-    let applied = match (was_member, pruned) {
-        (true, false) => apply(&plan.machine, &plan.table, &mut state, Change::Left(plan)),
-        (_, true) => apply(&plan.machine, &plan.table, &mut state, Change::Unknown),
-        (false, false) => Ok(()),
+    let applied = {
+        let registry = Registry::open(&plan.runtime_dir, &plan.machine)?;
+        let mut state = registry.read();
+        let was_member = state.members.remove(&plan.machine).is_some();
+        let pruned = prune(&mut state, Liveness::Exists);
+        let applied = match (was_member, pruned) {
+            (true, false) => apply(&plan.machine, &plan.table, &mut state, Change::Left(plan)),
+            (_, true) => apply(&plan.machine, &plan.table, &mut state, Change::Unknown),
+            (false, false) => Ok(()),
+        };
+        registry.write(&state)?;
+        applied
     };
-    registry.write(&state)?;
-    deleted?;
+    // Not under the lock: other machines' joins and leaves need not wait.
+    link::remove_machine_link(&plan.machine, &plan.host_veth, LINK_GRACE)?;
     applied
 }
+
+/// How long [`leave`] gives the kernel to remove a stopped machine's veth
+/// with its network namespace before deleting it itself.
+const LINK_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Daemon start (after a crash) and daemon exit: drops members whose
 /// supervisor is gone and deletes their links, deletes any `ve-*` link on

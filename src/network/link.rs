@@ -342,6 +342,32 @@ pub fn delete_link(machine: &str, name: &str) -> Result<bool, NetworkError> {
     })
 }
 
+/// Makes sure the host side of a stopped machine's veth pair is gone.
+///
+/// The kernel removes the pair by itself when the machine's network
+/// namespace dies with its last process, in 1–2 ms here; deleting it over
+/// netlink instead waits for an RCU grace period (about 10 ms here), which
+/// every stop would pay. So this waits up to `grace` for the link to
+/// vanish and deletes it only if it is still there: something outside the
+/// machine (an `nsenter`ed process, a bind-mounted `/proc/PID/ns/net`)
+/// keeps the namespace alive, or the boot failed before the namespace
+/// existed. Returns whether it had to delete the link.
+pub fn remove_machine_link(
+    machine: &str,
+    name: &str,
+    grace: std::time::Duration,
+) -> Result<bool, NetworkError> {
+    let entry = std::path::Path::new("/sys/class/net").join(name);
+    let deadline = std::time::Instant::now() + grace;
+    while entry.exists() {
+        if std::time::Instant::now() >= deadline {
+            return delete_link(machine, name);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Ok(false)
+}
+
 /// Names of the host's links.
 pub fn link_names() -> Result<Vec<String>, NetworkError> {
     run("-", async {
