@@ -74,7 +74,12 @@ fn bus_message(error: &zbus::Error) -> String {
 /// that act on several machines are printed as they happen and count as 1.
 pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let connection = Connection::system().await.map_err(CliError::Connect)?;
-    let manager = ManagerProxy::new(&connection).await?;
+    // No property cache: it would cost two more round trips (AddMatch,
+    // GetAll) before the first call, and the CLI reads properties rarely.
+    let manager = ManagerProxy::builder(&connection)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
     match cli.command {
         Command::List(options) => options.run(&manager).await.map(|()| 0),
         Command::Status(options) => options.run(&manager).await.map(|()| 0),

@@ -2,11 +2,13 @@
 
 use clap::Args;
 use serde::Serialize;
+use zbus::fdo::PropertiesProxy;
+use zbus::names::InterfaceName;
 use zbus::proxy::CacheProperties;
-use zbus::zvariant::ObjectPath;
+use zbus::zvariant::{ObjectPath, OwnedValue};
 
 use super::{table, CliError};
-use crate::dbus::proxy::{MachineProxy, ManagerProxy};
+use crate::dbus::proxy::ManagerProxy;
 
 #[derive(Debug, Args)]
 pub(crate) struct ListOptions {
@@ -40,27 +42,49 @@ pub(crate) struct MachineView {
 }
 
 impl MachineView {
+    /// All properties in one `GetAll` round trip.
     pub(crate) async fn fetch(
         manager: &ManagerProxy<'_>,
         path: &ObjectPath<'_>,
     ) -> Result<Self, CliError> {
-        let machine = MachineProxy::builder(manager.inner().connection())
+        let properties = PropertiesProxy::builder(manager.inner().connection())
+            .destination(manager.inner().destination().to_owned())?
             .path(path.to_owned())?
-            .cache_properties(CacheProperties::Yes)
+            .cache_properties(CacheProperties::No)
             .build()
             .await?;
+        let mut all = properties
+            .get_all(InterfaceName::from_static_str_unchecked(MACHINE_INTERFACE))
+            .await
+            .map_err(zbus::Error::from)?;
+        let mut take = |key: &str| {
+            all.remove(key).ok_or_else(|| {
+                CliError::Failed(format!("rmachined sent no {key} property for {path}"))
+            })
+        };
+        let name: String = convert(take("Name")?, "Name")?;
         Ok(MachineView {
-            name: machine.name().await?,
-            state: machine.state().await?,
-            leader: machine.leader().await?,
-            root: machine.root().await?,
-            definition: machine.definition().await?,
-            addresses: machine.addresses().await?,
-            autostart: machine.autostart().await?,
-            since: machine.since().await?,
-            error: machine.error().await?,
+            state: convert(take("State")?, "State")?,
+            leader: convert(take("Leader")?, "Leader")?,
+            root: convert(take("Root")?, "Root")?,
+            definition: convert(take("Definition")?, "Definition")?,
+            addresses: convert(take("Addresses")?, "Addresses")?,
+            autostart: convert(take("Autostart")?, "Autostart")?,
+            since: convert(take("Since")?, "Since")?,
+            error: convert(take("Error")?, "Error")?,
+            name,
         })
     }
+}
+
+const MACHINE_INTERFACE: &str = "org.rmachines1.Machine";
+
+fn convert<T>(value: OwnedValue, key: &str) -> Result<T, CliError>
+where
+    T: TryFrom<OwnedValue, Error = zbus::zvariant::Error>,
+{
+    T::try_from(value)
+        .map_err(|e| CliError::Failed(format!("rmachined sent a malformed {key} property: {e}")))
 }
 
 impl ListOptions {

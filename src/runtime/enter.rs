@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, ForkResult};
+use nix::unistd::{fork, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
 use super::{security, sys, MachinePlan, RuntimeError};
@@ -182,59 +182,92 @@ fn enter(spec: &EnterSpec) -> Result<i32, RuntimeError> {
         "pidfd_open of the machine's init (pid {})",
         spec.leader
     )))?;
-    join_cgroup(&spec.cgroup, spec.leader);
-    let namespaces = libc::CLONE_NEWUSER
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWCGROUP;
-    sys::setns_pidfd(pidfd.as_fd(), namespaces)
-        .map_err(RuntimeError::io("setns into the machine"))?;
-    drop(pidfd);
-    let program = security::seccomp_program()?;
-    // SAFETY: this process is single-threaded (a fresh exec of the helper),
-    // so the child may run ordinary Rust code before exec.
-    match unsafe { fork() }
-        .map_err(|e| RuntimeError::io("fork into the PID namespace")(e.into()))?
-    {
-        ForkResult::Child => {
-            let err = exec_as_user(spec, &program);
-            eprintln!("rmachined: {err}");
+    // Born in the machine's cgroup (clone3 CLONE_INTO_CGROUP) rather than
+    // moved there: moving a process between cgroups waits for an RCU grace
+    // period (20 ms here), which every shell would pay.
+    let cgroup = open_cgroup(&spec.cgroup, spec.leader);
+    let forked = match &cgroup {
+        Some(dir) => sys::clone3_fork(0, dir.as_fd()),
+        None => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+    };
+    let child = match forked {
+        Ok(sys::Forked::Child) => {
             // SAFETY: leave the forked child without running the parent's
             // exit handlers.
-            unsafe { libc::_exit(127) }
+            unsafe { libc::_exit(enter_namespaces(spec, pidfd)) }
         }
-        ForkResult::Parent { child } => loop {
-            match waitpid(child, None) {
-                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(RuntimeError::io("waiting for the command")(e.into())),
-            }
-        },
-    }
+        Ok(sys::Forked::Parent { pid, .. }) => Pid::from_raw(pid),
+        // No cgroup to be born in (or a guest that made its root cgroup a
+        // domain with controllers, where no process may live): enter here.
+        Err(_) => return Ok(enter_namespaces(spec, pidfd)),
+    };
+    drop(pidfd);
+    wait_exit_code(child)
 }
 
-/// Puts this process in the machine's root cgroup (the leader's if the
-/// guest made the root a domain with controllers, where no process may live).
-fn join_cgroup(cgroup: &Path, leader: i32) {
-    let me = std::process::id().to_string();
-    if fs::write(cgroup.join("cgroup.procs"), &me).is_ok() {
-        return;
+/// The machine's cgroup directory, or the leader's own cgroup if the
+/// guest made the root a domain with controllers.
+fn open_cgroup(cgroup: &Path, leader: i32) -> Option<File> {
+    let root_is_domain_with_controllers = fs::read_to_string(cgroup.join("cgroup.subtree_control"))
+        .is_ok_and(|controllers| !controllers.trim().is_empty());
+    if !root_is_domain_with_controllers {
+        if let Ok(dir) = File::open(cgroup) {
+            return Some(dir);
+        }
     }
-    let leader_cgroup = fs::read_to_string(format!("/proc/{leader}/cgroup"))
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
-        });
-    if let (Some(rel), Ok(mount)) = (leader_cgroup, super::cgroup::cgroup2_mount()) {
-        let _ = fs::write(
-            mount.join(rel.trim_start_matches('/')).join("cgroup.procs"),
-            &me,
-        );
+    let rel = fs::read_to_string(format!("/proc/{leader}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))?;
+    let mount = super::cgroup::cgroup2_mount().ok()?;
+    File::open(mount.join(rel.trim_start_matches('/'))).ok()
+}
+
+/// Joins the machine's namespaces, forks into its PID namespace, runs the
+/// command there and returns its exit code (128+N for signal N).
+fn enter_namespaces(spec: &EnterSpec, pidfd: std::os::fd::OwnedFd) -> i32 {
+    let result = (|| -> Result<i32, RuntimeError> {
+        let namespaces = libc::CLONE_NEWUSER
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWCGROUP;
+        sys::setns_pidfd(pidfd.as_fd(), namespaces)
+            .map_err(RuntimeError::io("setns into the machine"))?;
+        drop(pidfd);
+        let program = security::seccomp_program()?;
+        // SAFETY: this process is single-threaded (a fresh exec of the
+        // helper, or its clone3 child), so the child may run ordinary Rust
+        // code before exec.
+        match unsafe { fork() }
+            .map_err(|e| RuntimeError::io("fork into the PID namespace")(e.into()))?
+        {
+            ForkResult::Child => {
+                let err = exec_as_user(spec, &program);
+                eprintln!("rmachined: {err}");
+                // SAFETY: leave the forked child without running the
+                // parent's exit handlers.
+                unsafe { libc::_exit(127) }
+            }
+            ForkResult::Parent { child } => wait_exit_code(child),
+        }
+    })();
+    result.unwrap_or_else(|err| {
+        eprintln!("rmachined: entering the machine: {err}");
+        127
+    })
+}
+
+fn wait_exit_code(child: Pid) -> Result<i32, RuntimeError> {
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(RuntimeError::io("waiting for the command")(e.into())),
+        }
     }
 }
 
