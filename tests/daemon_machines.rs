@@ -554,3 +554,51 @@ async fn nat_set_follows_the_running_machines_and_a_lost_table_is_rebuilt() {
         "table left after the daemon exited"
     );
 }
+
+/// `rmachinectl shell M -- yes | head -1`: when the reader goes away,
+/// rmachinectl ends like a process killed by SIGPIPE (141) instead of
+/// waiting forever, and the command in the machine is hung up.
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_ends_when_its_reader_goes_away() {
+    let root = support::fixture("busybox");
+    let h = Harness::start_with(|c| write_definition(c, "pipe", &root, NO_NET));
+    assert_ok(&h.rmachinectl(&["start", "pipe"]), "start");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rmachinectl"))
+        .args(["shell", "pipe", "--", "/bin/sh", "-c", "exec yes marker"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", h.address())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run rmachinectl");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 7];
+    std::io::Read::read_exact(&mut out, &mut first).expect("read the first output");
+    assert_eq!(&first, b"marker\n");
+    drop(out);
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(st) = child.try_wait().expect("wait") {
+            status = Some(st);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("rmachinectl kept running after its reader went away");
+    };
+    assert_eq!(status.code(), Some(141));
+    // The command lost its terminal and went with it.
+    let mut gone = false;
+    for _ in 0..50 {
+        let ps = h.rmachinectl(&["shell", "pipe", "--", "/bin/ps"]);
+        if !stdout(&ps).contains("yes marker") {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(gone, "yes still runs in the machine");
+    assert_ok(&h.rmachinectl(&["stop", "pipe"]), "stop");
+}

@@ -98,7 +98,12 @@ impl ShellOptions {
                         exited.store(true, Ordering::SeqCst);
                     }
                 }
-                _ = &mut drained, if !output_done => output_done = true,
+                how = &mut drained, if !output_done => {
+                    if matches!(how, Ok(Drained::StdoutClosed)) {
+                        return Ok(128 + libc::SIGPIPE);
+                    }
+                    output_done = true;
+                }
                 _ = winch.recv() => {
                     if interactive {
                         let _ = terminal::copy_window_size(std::io::stdin().as_fd(), pty.as_fd());
@@ -161,7 +166,7 @@ fn spawn_input_relay(
 /// Copies the pty to stdout until the pty reports EOF/EIO (every slave is
 /// closed) or, once the session has exited, no more output is pending.
 /// The returned receiver fires when the output is drained.
-fn spawn_output_relay(mut pty: File, exited: Arc<AtomicBool>) -> oneshot::Receiver<()> {
+fn spawn_output_relay(mut pty: File, exited: Arc<AtomicBool>) -> oneshot::Receiver<Drained> {
     let (done, drained) = oneshot::channel();
     std::thread::spawn(move || {
         let mut stdout = std::io::stdout().lock();
@@ -187,7 +192,11 @@ fn spawn_output_relay(mut pty: File, exited: Arc<AtomicBool>) -> oneshot::Receiv
                         .and_then(|()| stdout.flush())
                         .is_err()
                     {
-                        break;
+                        // Our reader is gone (`| head`): end like a
+                        // process killed by SIGPIPE; closing the pty then
+                        // hangs up the command in the machine.
+                        let _ = done.send(Drained::StdoutClosed);
+                        return;
                     }
                 }
                 Err(error) if error.kind() == ErrorKind::Interrupted => {}
@@ -197,9 +206,16 @@ fn spawn_output_relay(mut pty: File, exited: Arc<AtomicBool>) -> oneshot::Receiv
             }
         }
         let _ = stdout.flush();
-        let _ = done.send(());
+        let _ = done.send(Drained::AllWritten);
     });
     drained
+}
+
+/// How the output relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    AllWritten,
+    StdoutClosed,
 }
 
 #[cfg(test)]
