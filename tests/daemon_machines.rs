@@ -602,3 +602,20 @@ async fn shell_ends_when_its_reader_goes_away() {
     assert!(gone, "yes still runs in the machine");
     assert_ok(&h.rmachinectl(&["stop", "pipe"]), "stop");
 }
+
+/// A shell's command lives in the machine's cgroup (the root of its cgroup
+/// namespace), like everything else of the machine.
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_commands_run_in_the_machines_cgroup() {
+    let root = support::fixture("busybox");
+    let h = Harness::start_with(|c| write_definition(c, "cg", &root, NO_NET));
+    assert_ok(&h.rmachinectl(&["start", "cg"]), "start");
+    let out = h.rmachinectl(&["shell", "cg", "--", "/bin/cat", "/proc/self/cgroup"]);
+    assert_ok(&out, "shell");
+    let unified = stdout(&out)
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .map(|l| l.trim_end().to_owned());
+    assert_eq!(unified.as_deref(), Some("0::/"), "{}", stdout(&out));
+    assert_ok(&h.rmachinectl(&["stop", "cg"]), "stop");
+}

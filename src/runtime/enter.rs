@@ -185,42 +185,41 @@ fn enter(spec: &EnterSpec) -> Result<i32, RuntimeError> {
     // Born in the machine's cgroup (clone3 CLONE_INTO_CGROUP) rather than
     // moved there: moving a process between cgroups waits for an RCU grace
     // period (20 ms here), which every shell would pay.
-    let cgroup = open_cgroup(&spec.cgroup, spec.leader);
-    let forked = match &cgroup {
-        Some(dir) => sys::clone3_fork(0, dir.as_fd()),
-        None => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
-    };
+    // The machine's cgroup; if the guest made it a domain with controllers
+    // (no process may live there) or it refuses us, the leader's own.
+    let forked = cgroup_candidates(&spec.cgroup, spec.leader)
+        .into_iter()
+        .find_map(|dir| sys::clone3_fork(0, dir.as_fd()).ok());
     let child = match forked {
-        Ok(sys::Forked::Child) => {
+        Some(sys::Forked::Child) => {
             // SAFETY: leave the forked child without running the parent's
             // exit handlers.
             unsafe { libc::_exit(enter_namespaces(spec, pidfd)) }
         }
-        Ok(sys::Forked::Parent { pid, .. }) => Pid::from_raw(pid),
-        // No cgroup to be born in (or a guest that made its root cgroup a
-        // domain with controllers, where no process may live): enter here.
-        Err(_) => return Ok(enter_namespaces(spec, pidfd)),
+        Some(sys::Forked::Parent { pid, .. }) => Pid::from_raw(pid),
+        // No cgroup takes us: enter from here, in our own cgroup.
+        None => return Ok(enter_namespaces(spec, pidfd)),
     };
     drop(pidfd);
     wait_exit_code(child)
 }
 
-/// The machine's cgroup directory, or the leader's own cgroup if the
-/// guest made the root a domain with controllers.
-fn open_cgroup(cgroup: &Path, leader: i32) -> Option<File> {
-    let root_is_domain_with_controllers = fs::read_to_string(cgroup.join("cgroup.subtree_control"))
-        .is_ok_and(|controllers| !controllers.trim().is_empty());
-    if !root_is_domain_with_controllers {
-        if let Ok(dir) = File::open(cgroup) {
-            return Some(dir);
-        }
-    }
-    let rel = fs::read_to_string(format!("/proc/{leader}/cgroup"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))?;
-    let mount = super::cgroup::cgroup2_mount().ok()?;
-    File::open(mount.join(rel.trim_start_matches('/'))).ok()
+/// The cgroups a command may be born in, best first: the machine's, then
+/// the one its init lives in.
+fn cgroup_candidates(cgroup: &Path, leader: i32) -> Vec<File> {
+    let leader_cgroup = || {
+        let rel = fs::read_to_string(format!("/proc/{leader}/cgroup"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))?;
+        let mount = super::cgroup::cgroup2_mount().ok()?;
+        File::open(mount.join(rel.trim_start_matches('/'))).ok()
+    };
+    File::open(cgroup)
+        .ok()
+        .into_iter()
+        .chain(leader_cgroup())
+        .collect()
 }
 
 /// Joins the machine's namespaces, forks into its PID namespace, runs the
