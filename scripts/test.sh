@@ -13,3 +13,7 @@ tests/fixtures/make-rootfs.sh busybox /var/tmp/rmachines-fixtures/busybox
 tests/fixtures/make-rootfs.sh debian /var/tmp/rmachines-fixtures/debian
 tests/fixtures/make-rootfs.sh debian-polkit /var/tmp/rmachines-fixtures/debian-polkit
 cargo test --all-targets "$@"
+# Again, the suites that boot machines, in a mount namespace whose `/` is
+# shared, as on every systemd host (this host's `/` is private).
+unshare --mount --propagation shared -- \
+	cargo test --test runtime_boot --test daemon_machines --test network "$@"

@@ -95,7 +95,13 @@ pub fn open_tree_clone(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// `mount_setattr(2)` on a whole detached tree: set `attr_set` (e.g.
-/// `MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY`), mapping through `userns` if given.
+/// `MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY`), mapping through `userns` if given,
+/// and make every mount of it private.
+///
+/// A clone of a shared mount joins its peer group (`open_tree(2)` copies
+/// the propagation of the source), so on a host whose `/` is shared (every
+/// systemd host) whatever the machine later mounts on the tree would
+/// propagate back into the host's mount namespace.
 pub fn mount_setattr_tree(
     tree: BorrowedFd<'_>,
     attr_set: u64,
@@ -104,7 +110,7 @@ pub fn mount_setattr_tree(
     let mut attr = libc::mount_attr {
         attr_set,
         attr_clr: 0,
-        propagation: 0,
+        propagation: libc::MS_PRIVATE,
         userns_fd: userns.map(|fd| fd.as_raw_fd() as u64).unwrap_or(0),
     };
     let empty = c"";

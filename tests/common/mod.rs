@@ -61,6 +61,7 @@ pub struct Harness {
     notify: UnixDatagram,
     notifications: Vec<String>,
     network_args: Vec<String>,
+    shared_root: bool,
 }
 
 impl Harness {
@@ -74,8 +75,19 @@ impl Harness {
         Self::start_installed(Install::built(), setup)
     }
 
+    /// A bus and a daemon in a mount namespace of its own whose `/` is a
+    /// shared mount, as on every systemd host; `setup` fills the config
+    /// directory first.
+    pub fn start_in_shared_root(setup: impl FnOnce(&Path)) -> Self {
+        Self::start_inner(Install::built(), setup, true)
+    }
+
     /// A bus and a daemon from `install`; `setup` fills the config directory.
     pub fn start_installed(install: Install, setup: impl FnOnce(&Path)) -> Self {
+        Self::start_inner(install, setup, false)
+    }
+
+    fn start_inner(install: Install, setup: impl FnOnce(&Path), shared_root: bool) -> Self {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("rmachines-test-")
@@ -128,6 +140,7 @@ impl Harness {
             notify,
             notifications: Vec::new(),
             network_args: test_network_args(),
+            shared_root,
         };
         harness.spawn_daemon();
         harness
@@ -143,7 +156,16 @@ impl Harness {
             .open(self.dir.path().join("rmachined.log"))
             .expect("open log");
         let dir = self.dir.path();
-        let mut daemon = Command::new(&self.install.rmachined);
+        let mut daemon = if self.shared_root {
+            // unshare execs rmachined in place: the pid stays the daemon's.
+            let mut unshare = Command::new("unshare");
+            unshare
+                .args(["--mount", "--propagation", "shared", "--"])
+                .arg(&self.install.rmachined);
+            unshare
+        } else {
+            Command::new(&self.install.rmachined)
+        };
         daemon
             .arg("--config-dir")
             .arg(dir.join("config"))
