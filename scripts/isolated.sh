@@ -28,7 +28,8 @@ trap cleanup EXIT
 echo $$ >"$own/cgroup.procs"
 unshare -n -m -C --propagation "$propagation" -- bash -c '
 	set -e
-	mount -t cgroup2 none "$1"
+	umount -l "$1"
+	mount -t cgroup2 cgroup2 "$1"
 	ip link set lo up
 	shift
 	exec "$@"
