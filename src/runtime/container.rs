@@ -253,6 +253,7 @@ fn parent_setup(
         None => crate::network::link::setup_loopback_only(plan.name(), pid)?,
     }
     step("network ready");
+    super::resources::attach(plan, pid)?;
     // A child that failed meanwhile has closed its end: its message is
     // read below.
     let _ = nix::sys::socket::send(sock.as_raw_fd(), RUN, MsgFlags::MSG_NOSIGNAL);
