@@ -22,7 +22,7 @@ const DEFAULT_STATE_DIR: &str = "/run/rmachines";
 
 /// The parent cgroup of the machines of the daemon whose machine
 /// directories are `<state-dir>/machines/<name>`.
-pub(crate) fn parent_name(machine_dir: &Path) -> String {
+pub fn parent_name(machine_dir: &Path) -> String {
     let state_dir = machine_dir
         .parent()
         .and_then(Path::parent)
@@ -139,21 +139,29 @@ pub(crate) fn join_process_cgroups(layout: &Layout, pid: i32) -> Result<(), Runt
         else {
             continue;
         };
-        if controllers.is_empty() || path == "/" {
+        if controllers.is_empty() {
             continue;
         }
         let names: Vec<&str> = controllers.split(',').collect();
-        let Some((mount, _)) = layout
+        let Some(hierarchy) = layout
             .v1
             .iter()
-            .find(|(_, c)| c.iter().any(|c| names.contains(&c.as_str())))
+            .find(|m| m.controllers.iter().any(|c| names.contains(&c.as_str())))
         else {
             continue;
         };
-        if !wanted.contains(mount) {
+        if !wanted.contains(&hierarchy.mount) {
             continue;
         }
-        let procs = mount.join(path.trim_start_matches('/')).join("cgroup.procs");
+        let dir = hierarchy.dir_of(path).ok_or_else(|| RuntimeError::Setup {
+            step: format!("joining the machine's {controllers} cgroup"),
+            message: format!(
+                "its cgroup {path} is outside what {} shows ({})",
+                hierarchy.mount.display(),
+                hierarchy.root
+            ),
+        })?;
+        let procs = dir.join("cgroup.procs");
         fs::write(&procs, std::process::id().to_string())
             .map_err(RuntimeError::io(format!("joining {}", procs.display())))?;
     }

@@ -127,8 +127,18 @@ pub(crate) enum Home {
 pub(crate) struct Layout {
     /// Controllers the cgroup2 root offers (`cgroup.controllers`).
     pub v2_controllers: Vec<String>,
-    /// Mounted v1 hierarchies: mount point and controllers.
-    pub v1: Vec<(PathBuf, Vec<String>)>,
+    /// Mounted v1 hierarchies.
+    pub v1: Vec<V1Mount>,
+}
+
+/// A mounted cgroup v1 hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct V1Mount {
+    pub mount: PathBuf,
+    /// The cgroup shown at the mount point, relative to our cgroup
+    /// namespace's root (e.g. `/../..` when we live two levels down).
+    pub root: String,
+    pub controllers: Vec<String>,
 }
 
 impl Layout {
@@ -157,8 +167,8 @@ impl Layout {
         }
         self.v1
             .iter()
-            .find(|(_, controllers)| controllers.iter().any(|c| c == controller.v1_name()))
-            .map_or(Home::Nowhere, |(mount, _)| Home::V1(mount.clone()))
+            .find(|m| m.controllers.iter().any(|c| c == controller.v1_name()))
+            .map_or(Home::Nowhere, |m| Home::V1(m.mount.clone()))
     }
 
     /// The v1 hierarchies the machine gets a cgroup in: those holding a
@@ -179,9 +189,9 @@ impl Layout {
     }
 }
 
-/// cgroup v1 mounts of whole hierarchies (root `/`), with their controllers.
-fn parse_v1_mounts(mountinfo: &str) -> Vec<(PathBuf, Vec<String>)> {
-    let mut found: Vec<(PathBuf, Vec<String>)> = Vec::new();
+/// cgroup v1 mounts, each hierarchy once, with their controllers.
+fn parse_v1_mounts(mountinfo: &str) -> Vec<V1Mount> {
+    let mut found: Vec<V1Mount> = Vec::new();
     for line in mountinfo.lines() {
         let Some((left, right)) = line.split_once(" - ") else {
             continue;
@@ -195,20 +205,35 @@ fn parse_v1_mounts(mountinfo: &str) -> Vec<(PathBuf, Vec<String>)> {
         let (Some(root), Some(mount_point)) = (fields.nth(3), fields.next()) else {
             continue;
         };
-        if root != "/" {
-            continue;
-        }
         let known: Vec<String> = super_options
             .split(',')
             .filter(|o| Controller::ALL.iter().any(|c| c.v1_name() == *o))
             .map(str::to_owned)
             .collect();
-        if known.is_empty() || found.iter().any(|(_, c)| *c == known) {
+        if known.is_empty() || found.iter().any(|m| m.controllers == known) {
             continue;
         }
-        found.push((PathBuf::from(unescape_mount_path(mount_point)), known));
+        found.push(V1Mount {
+            mount: PathBuf::from(unescape_mount_path(mount_point)),
+            root: unescape_mount_path(root),
+            controllers: known,
+        });
     }
     found
+}
+
+impl V1Mount {
+    /// The directory of the cgroup at `path` (as /proc/PID/cgroup shows it,
+    /// relative to our cgroup namespace), if this mount shows it.
+    pub(crate) fn dir_of(&self, path: &str) -> Option<PathBuf> {
+        let root: Vec<&str> = self.root.split('/').filter(|c| !c.is_empty()).collect();
+        let path: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+        let below = path.strip_prefix(root.as_slice())?;
+        if below.iter().any(|c| *c == ".." || *c == ".") {
+            return None;
+        }
+        Some(below.iter().fold(self.mount.clone(), |dir, c| dir.join(c)))
+    }
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -1014,6 +1039,29 @@ mod tests {
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 50 31 0:32 /sub /mnt/memory-again rw,relatime - cgroup cgroup rw,memory
 ";
+
+    #[test]
+    fn cgroup_paths_map_to_the_mount_of_their_hierarchy() {
+        let mount = |root: &str| V1Mount {
+            mount: "/sys/fs/cgroup/memory".into(),
+            root: root.into(),
+            controllers: vec!["memory".into()],
+        };
+        let m = mount("/");
+        assert_eq!(
+            m.dir_of("/rmachines/web"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/rmachines/web"))
+        );
+        // In a cgroup namespace two levels below the hierarchy's root.
+        let m = mount("/../..");
+        assert_eq!(
+            m.dir_of("/../../rmachines/web"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/rmachines/web"))
+        );
+        assert_eq!(m.dir_of("/"), None);
+        // Outside what the mount shows.
+        assert_eq!(mount("/sub").dir_of("/other"), None);
+    }
 
     #[test]
     fn v1_hierarchies_are_found_once_with_their_controllers() {
