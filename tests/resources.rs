@@ -23,7 +23,12 @@ fn text(out: &Output) -> String {
 }
 
 fn assert_ok(out: &Output, what: &str) {
-    assert!(out.status.success(), "{what} failed ({:?}): {}", out.status, text(out));
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}): {}",
+        out.status,
+        text(out)
+    );
 }
 
 fn status_json(h: &Harness, name: &str) -> serde_json::Value {
@@ -50,9 +55,8 @@ fn start(h: &Harness, name: &str) {
 /// The machine's cgroup directories in the v1 hierarchies of this host
 /// (none on a unified host).
 fn v1_dirs(h: &Harness, name: &str) -> Vec<PathBuf> {
-    let parent = rmachines::runtime::cgroup_v1::parent_name(
-        &h.state_dir().join("machines").join(name),
-    );
+    let parent =
+        rmachines::runtime::cgroup_v1::parent_name(&h.state_dir().join("machines").join(name));
     ["memory", "cpu", "cpuacct", "pids", "blkio", "cpu,cpuacct"]
         .iter()
         .map(|c| Path::new("/sys/fs/cgroup").join(c))
@@ -67,7 +71,12 @@ fn v1_dirs(h: &Harness, name: &str) -> Vec<PathBuf> {
 async fn allocating_past_memory_kills_the_allocator_not_the_machine() {
     let root = support::fixture("busybox");
     let h = Harness::start_with(|c| {
-        write_definition(c, "mem", &root, &format!("{NO_NET}[resources]\nmemory = \"64M\"\n"))
+        write_definition(
+            c,
+            "mem",
+            &root,
+            &format!("{NO_NET}[resources]\nmemory = \"64M\"\n"),
+        )
     });
     start(&h, "mem");
     let before = status_json(&h, "mem");
@@ -77,7 +86,12 @@ async fn allocating_past_memory_kills_the_allocator_not_the_machine() {
 
     // dd's buffer is one 128M block, touched as /dev/zero is read into it.
     let out = shell(&h, "mem", "dd if=/dev/zero of=/dev/null bs=128M count=1");
-    assert_eq!(out.status.code(), Some(137), "dd was not SIGKILLed: {}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "dd was not SIGKILLed: {}",
+        text(&out)
+    );
     // Below the limit the same works.
     assert_ok(
         &shell(&h, "mem", "dd if=/dev/zero of=/dev/null bs=16M count=1"),
@@ -87,7 +101,10 @@ async fn allocating_past_memory_kills_the_allocator_not_the_machine() {
     let after = status_json(&h, "mem");
     assert_eq!(after["state"], "running", "{after}");
     assert_eq!(number(&after, "leader"), leader, "init survived");
-    assert!(number(&after, "oom_kills") >= 1, "the OOM kill is counted: {after}");
+    assert!(
+        number(&after, "oom_kills") >= 1,
+        "the OOM kill is counted: {after}"
+    );
     let status = text(&h.rmachinectl(&["status", "mem"]));
     assert!(status.contains("(max 64M)"), "{status}");
     assert!(status.contains("OOM kills: "), "{status}");
@@ -99,7 +116,12 @@ async fn allocating_past_memory_kills_the_allocator_not_the_machine() {
 async fn forking_past_tasks_fails_inside() {
     let root = support::fixture("busybox");
     let h = Harness::start_with(|c| {
-        write_definition(c, "forks", &root, &format!("{NO_NET}[resources]\ntasks = 16\n"))
+        write_definition(
+            c,
+            "forks",
+            &root,
+            &format!("{NO_NET}[resources]\ntasks = 16\n"),
+        )
     });
     start(&h, "forks");
     let v = status_json(&h, "forks");
@@ -116,10 +138,18 @@ async fn forking_past_tasks_fails_inside() {
     assert!(!out_text.contains("all forked"), "{out_text}");
     assert!(out_text.contains("fork"), "the shell says why: {out_text}");
     let tasks = number(&during, "tasks_current");
-    assert!((8..=16).contains(&tasks), "{tasks} tasks under tasks = 16: {during}");
+    assert!(
+        (8..=16).contains(&tasks),
+        "{tasks} tasks under tasks = 16: {during}"
+    );
     // The host forks as usual meanwhile.
     let host: Vec<_> = (0..40)
-        .map(|_| std::process::Command::new("sleep").arg("0.1").spawn().expect("host fork"))
+        .map(|_| {
+            std::process::Command::new("sleep")
+                .arg("0.1")
+                .spawn()
+                .expect("host fork")
+        })
         .collect();
     for mut child in host {
         child.wait().unwrap();
@@ -135,7 +165,14 @@ async fn forking_past_tasks_fails_inside() {
 /// CPU-seconds a machine used over `wall` while a busy loop runs in it.
 fn busy_loop_rate(h: &Harness, name: &str, wall: Duration) -> f64 {
     let spin = std::process::Command::new(env!("CARGO_BIN_EXE_rmachinectl"))
-        .args(["shell", name, "--", "/bin/sh", "-c", "while :; do :; done & while :; do :; done"])
+        .args([
+            "shell",
+            name,
+            "--",
+            "/bin/sh",
+            "-c",
+            "while :; do :; done & while :; do :; done",
+        ])
         .env("DBUS_SYSTEM_BUS_ADDRESS", h.address())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -185,7 +222,10 @@ async fn a_busy_loop_under_half_a_cpu_gets_half_a_cpu() {
     eprintln!("two busy loops, CPU-s/s: {half:.3} under cpus = 0.5, {tenth:.3} under 0.1, {free:.3} without");
     assert!(half <= 0.6, "{half:.3} CPU-s/s under cpus = 0.5");
     assert!(tenth <= 0.13, "{tenth:.3} CPU-s/s under cpus = 0.1");
-    assert!(tenth >= 0.02, "the loops barely ran ({tenth:.3} CPU-s/s): accounting broken?");
+    assert!(
+        tenth >= 0.02,
+        "the loops barely ran ({tenth:.3} CPU-s/s): accounting broken?"
+    );
     assert!(
         free > tenth * 1.5,
         "without the limit the loops should get more than {tenth:.3} CPU-s/s, got {free:.3}"
@@ -242,7 +282,11 @@ async fn accounting_is_plausible_and_updates() {
         )
     });
     let stopped = status_json(&h, "acct");
-    assert_eq!(number(&stopped, "memory_current"), u64::MAX, "unknown when stopped");
+    assert_eq!(
+        number(&stopped, "memory_current"),
+        u64::MAX,
+        "unknown when stopped"
+    );
     start(&h, "acct");
     let a = status_json(&h, "acct");
     let memory = number(&a, "memory_current");
@@ -259,7 +303,10 @@ async fn accounting_is_plausible_and_updates() {
     );
     assert_ok(&out, "sleepers and a busy second");
     let b = status_json(&h, "acct");
-    assert!(number(&b, "tasks_current") >= 6, "init and 5 sleepers: {a}\n{b}");
+    assert!(
+        number(&b, "tasks_current") >= 6,
+        "init and 5 sleepers: {a}\n{b}"
+    );
     assert!(
         number(&b, "cpu_usage_nsec") > number(&a, "cpu_usage_nsec") + 200_000_000,
         "{a}\n{b}"
@@ -294,20 +341,42 @@ async fn accounting_is_plausible_and_updates() {
 async fn shells_are_held_by_the_machines_limits() {
     let root = support::fixture("busybox");
     let h = Harness::start_with(|c| {
-        write_definition(c, "sh", &root, &format!("{NO_NET}[resources]\ntasks = 32\n"))
+        write_definition(
+            c,
+            "sh",
+            &root,
+            &format!("{NO_NET}[resources]\ntasks = 32\n"),
+        )
     });
     start(&h, "sh");
     let out = shell(&h, "sh", "cat /proc/self/cgroup");
     assert_ok(&out, "shell");
     let membership = text(&out);
     for dir in v1_dirs(&h, "sh") {
-        let parent = dir.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
-        let hierarchy = dir.parent().unwrap().parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+        let parent = dir
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let hierarchy = dir
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         let line = membership
             .lines()
             .find(|l| l.split(':').nth(1) == Some(hierarchy.as_str()))
             .unwrap_or_else(|| panic!("no {hierarchy} line in {membership}"));
-        assert!(line.ends_with(&format!("/{parent}/sh")), "{line} in {membership}");
+        assert!(
+            line.ends_with(&format!("/{parent}/sh")),
+            "{line} in {membership}"
+        );
     }
     assert_ok(&h.rmachinectl(&["stop", "sh"]), "stop");
 }
@@ -348,7 +417,12 @@ async fn the_guest_cannot_raise_its_limits() {
 async fn an_io_weight_the_host_cannot_apply_fails_the_start_naming_the_key() {
     let root = support::fixture("busybox");
     let h = Harness::start_with(|c| {
-        write_definition(c, "io", &root, &format!("{NO_NET}[resources]\nio_weight = 500\n"))
+        write_definition(
+            c,
+            "io",
+            &root,
+            &format!("{NO_NET}[resources]\nio_weight = 500\n"),
+        )
     });
     let out = h.rmachinectl(&["start", "io"]);
     if out.status.success() {
@@ -356,9 +430,10 @@ async fn an_io_weight_the_host_cannot_apply_fails_the_start_naming_the_key() {
         let weight = v1_dirs(&h, "io")
             .into_iter()
             .flat_map(|d| ["blkio.bfq.weight", "blkio.weight"].map(|f| d.join(f)))
-            .chain(["io.weight", "io.bfq.weight"].map(|f| {
-                Path::new("/sys/fs/cgroup/rmachines/io").join(f)
-            }))
+            .chain(
+                ["io.weight", "io.bfq.weight"]
+                    .map(|f| Path::new("/sys/fs/cgroup/rmachines/io").join(f)),
+            )
             .find_map(|f| std::fs::read_to_string(f).ok())
             .unwrap_or_default();
         assert!(weight.contains("500"), "weight file: {weight:?}");
@@ -379,22 +454,39 @@ async fn an_io_weight_the_host_cannot_apply_fails_the_start_naming_the_key() {
 /// The units that failed in a Debian guest booted with `resources`.
 fn failed_units_of_a_debian_boot(resources: &str) -> (String, String) {
     let root = support::fixture("debian");
-    let h = Harness::start_with(|c| {
-        write_definition(c, "deb", &root, &format!("{NO_NET}{resources}"))
-    });
+    let h =
+        Harness::start_with(|c| write_definition(c, "deb", &root, &format!("{NO_NET}{resources}")));
     start(&h, "deb");
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if status_json(&h, "deb")["state"] == "running" {
             break;
         }
-        assert!(Instant::now() < deadline, "never running:\n{}", h.daemon_log());
+        assert!(
+            Instant::now() < deadline,
+            "never running:\n{}",
+            h.daemon_log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let out = h.rmachinectl(&["shell", "deb", "--", "systemctl", "--failed", "--plain", "--no-legend"]);
+    let out = h.rmachinectl(&[
+        "shell",
+        "deb",
+        "--",
+        "systemctl",
+        "--failed",
+        "--plain",
+        "--no-legend",
+    ]);
     assert_ok(&out, "systemctl --failed");
     let failed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let cgroup = h.rmachinectl(&["shell", "deb", "--", "cat", "/sys/fs/cgroup/init.scope/cgroup.procs"]);
+    let cgroup = h.rmachinectl(&[
+        "shell",
+        "deb",
+        "--",
+        "cat",
+        "/sys/fs/cgroup/init.scope/cgroup.procs",
+    ]);
     assert_ok(&cgroup, "systemd manages its delegated cgroup2 tree");
     let v = status_json(&h, "deb");
     assert!(number(&v, "tasks_current") > 1, "{v}");

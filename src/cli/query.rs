@@ -196,7 +196,10 @@ fn usage_lines(view: &MachineView) -> Vec<(&'static str, String)> {
         } else {
             String::new()
         };
-        lines.push(("Memory", format!("{}{limit}", size_text(view.memory_current))));
+        lines.push((
+            "Memory",
+            format!("{}{limit}", size_text(view.memory_current)),
+        ));
     }
     if known(view.cpu_usage_nsec) {
         lines.push((

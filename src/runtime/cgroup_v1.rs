@@ -56,8 +56,10 @@ pub(crate) fn create(dirs: &[PathBuf]) -> Result<(), RuntimeError> {
     // Serialised with the removal of the shared parents.
     let _lock = cgroup::parent_lock()?;
     for dir in dirs {
-        fs::create_dir_all(dir)
-            .map_err(RuntimeError::io(format!("creating cgroup {}", dir.display())))?;
+        fs::create_dir_all(dir).map_err(RuntimeError::io(format!(
+            "creating cgroup {}",
+            dir.display()
+        )))?;
     }
     Ok(())
 }
@@ -153,14 +155,16 @@ pub(crate) fn join_process_cgroups(layout: &Layout, pid: i32) -> Result<(), Runt
         if !wanted.contains(&hierarchy.mount) {
             continue;
         }
-        let dir = hierarchy.dir_of(path).ok_or_else(|| RuntimeError::Setup {
-            step: format!("joining the machine's {controllers} cgroup"),
-            message: format!(
-                "its cgroup {path} is outside what {} shows ({})",
-                hierarchy.mount.display(),
-                hierarchy.root
-            ),
-        })?;
+        // A machine started without v1 cgroups (by an older rmachined)
+        // has its init where the daemon was: nothing to join there.
+        let Some(dir) = hierarchy.dir_of(path).filter(|_| path != "/") else {
+            tracing::debug!(
+                controllers,
+                path,
+                "the machine has no cgroup of its own here"
+            );
+            continue;
+        };
         let procs = dir.join("cgroup.procs");
         fs::write(&procs, std::process::id().to_string())
             .map_err(RuntimeError::io(format!("joining {}", procs.display())))?;

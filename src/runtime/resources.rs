@@ -311,7 +311,12 @@ fn v2_writes(controller: Controller, r: &Resources, fs: &dyn CgroupFs, dir: &Pat
             ),
         ],
         Controller::Cpuacct => vec![],
-        Controller::Pids => vec![write("tasks", r.tasks.is_some(), "pids.max", or_max(r.tasks))],
+        Controller::Pids => vec![write(
+            "tasks",
+            r.tasks.is_some(),
+            "pids.max",
+            or_max(r.tasks),
+        )],
         Controller::Io => {
             let weight = r.io_weight.unwrap_or(100);
             // blk-iocost's io.weight, else BFQ's (1..=1000).
@@ -416,19 +421,23 @@ pub(crate) fn enable_v2_controllers(
     cgroup: &Path,
     wanted: &[(Controller, Vec<&'static str>)],
 ) -> Result<(), RuntimeError> {
-    let relative = cgroup.strip_prefix(mount).map_err(|_| RuntimeError::Setup {
-        step: "enabling cgroup controllers".into(),
-        message: format!(
-            "the machine's cgroup {} is not below the cgroup2 mount {}",
-            cgroup.display(),
-            mount.display()
-        ),
-    })?;
+    let relative = cgroup
+        .strip_prefix(mount)
+        .map_err(|_| RuntimeError::Setup {
+            step: "enabling cgroup controllers".into(),
+            message: format!(
+                "the machine's cgroup {} is not below the cgroup2 mount {}",
+                cgroup.display(),
+                mount.display()
+            ),
+        })?;
     let mut enabled: Vec<&(Controller, Vec<&'static str>)> = wanted.iter().collect();
     let mut ancestor = mount.to_path_buf();
     let components: Vec<_> = relative.components().collect();
     for (depth, component) in components.iter().enumerate() {
-        let offered = fs.read(&ancestor.join("cgroup.controllers")).unwrap_or_default();
+        let offered = fs
+            .read(&ancestor.join("cgroup.controllers"))
+            .unwrap_or_default();
         let active = fs
             .read(&ancestor.join("cgroup.subtree_control"))
             .unwrap_or_default();
@@ -455,7 +464,10 @@ pub(crate) fn enable_v2_controllers(
                 (Ok(()), _) => kept.push(entry),
                 (Err(reason), Some(key)) => return Err(limit_error(key, reason)),
                 (Err(reason), None) => {
-                    tracing::debug!(depth, "{reason}; no limit needs it, only its accounting is lost")
+                    tracing::debug!(
+                        depth,
+                        "{reason}; no limit needs it, only its accounting is lost"
+                    )
                 }
             }
         }
@@ -603,11 +615,42 @@ pub fn setup(plan: &MachinePlan) -> Result<(), RuntimeError> {
     )
 }
 
-/// Puts the container's first process in the machine's v1 cgroups (before
-/// it execs init; cgroup2 membership comes with clone3).
-pub fn attach(plan: &MachinePlan, pid: libc::pid_t) -> Result<(), RuntimeError> {
-    let cgroups = MachineCgroups::of(plan)?;
-    cgroup_v1::attach(&cgroups.v1, pid)
+/// Puts the container's first process in the machine's v1 cgroups (it must
+/// be there before it execs init; cgroup2 membership comes with clone3).
+/// Each move waits for an RCU grace period, so it runs on a thread of its
+/// own while the caller wires the container up; [`Attaching::finish`]
+/// before letting the child run.
+pub fn start_attach(plan: &MachinePlan, pid: libc::pid_t) -> Attaching {
+    let plan = plan.clone();
+    Attaching(Some(std::thread::spawn(move || {
+        let cgroups = MachineCgroups::of(&plan)?;
+        cgroup_v1::attach(&cgroups.v1, pid)
+    })))
+}
+
+/// A move into the v1 cgroups under way; joined when dropped, so the
+/// supervisor is single-threaded again before it clones anew.
+pub struct Attaching(Option<std::thread::JoinHandle<Result<(), RuntimeError>>>);
+
+impl Drop for Attaching {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Attaching {
+    pub fn finish(mut self) -> Result<(), RuntimeError> {
+        match self.0.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(RuntimeError::Setup {
+                step: "moving the machine into its cgroups".into(),
+                message: "the thread doing it panicked".into(),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A live update of a running machine's limits.
@@ -626,7 +669,10 @@ pub fn update(plan: &MachinePlan, resources: &Resources) -> Result<(), RuntimeEr
 /// [`cgroup::remove_machine_cgroup`]'s).
 pub fn remove_v1(machine_dir: &Path, name: &str, timeout: Duration) -> Result<(), RuntimeError> {
     let layout = Layout::detect()?;
-    cgroup_v1::remove(&cgroup_v1::machine_dirs(&layout, machine_dir, name), timeout)
+    cgroup_v1::remove(
+        &cgroup_v1::machine_dirs(&layout, machine_dir, name),
+        timeout,
+    )
 }
 
 /// A running machine's consumption and limits; `u64::MAX` where unknown or
@@ -723,7 +769,12 @@ pub(crate) fn read_usage(
 /// A running machine's accounting, read from its cgroup files now.
 pub fn usage(plan: &MachinePlan) -> Usage {
     match MachineCgroups::of(plan) {
-        Ok(cgroups) => read_usage(&HostFs, &cgroups.layout, &|c| cgroups.dir_of(c), &cgroups.v2),
+        Ok(cgroups) => read_usage(
+            &HostFs,
+            &cgroups.layout,
+            &|c| cgroups.dir_of(c),
+            &cgroups.v2,
+        ),
         Err(_) => Usage::UNKNOWN,
     }
 }
@@ -822,10 +873,7 @@ mod tests {
             "pids.max",
             "io.weight",
         ] {
-            files.push((
-                Box::leak(format!("{MACHINE}/{file}").into_boxed_str()),
-                "",
-            ));
+            files.push((Box::leak(format!("{MACHINE}/{file}").into_boxed_str()), ""));
         }
         Recorder::with(&files)
     }
@@ -861,8 +909,13 @@ mod tests {
             PathBuf::from("/cg/rmachines/cgroup.controllers"),
             "cpu io memory pids".into(),
         );
-        enable_v2_controllers(&fs, Path::new(CG), Path::new(MACHINE), &wanted(&all_limits()))
-            .unwrap();
+        enable_v2_controllers(
+            &fs,
+            Path::new(CG),
+            Path::new(MACHINE),
+            &wanted(&all_limits()),
+        )
+        .unwrap();
         let enabled: Vec<(String, String)> = fs.writes();
         let expect = |dir: &str| {
             ["memory", "cpu", "pids", "io"]
@@ -899,9 +952,10 @@ mod tests {
             ..all_limits()
         };
         enable_v2_controllers(&fs, Path::new(CG), Path::new(MACHINE), &wanted(&r)).unwrap();
-        assert!(!fs
-            .writes()
-            .contains(&("/cg/rmachines/cgroup.subtree_control".into(), "+pids".into())));
+        assert!(!fs.writes().contains(&(
+            "/cg/rmachines/cgroup.subtree_control".into(),
+            "+pids".into()
+        )));
     }
 
     #[test]
@@ -918,8 +972,13 @@ mod tests {
                 "cpu io memory pids".into(),
             );
         }
-        enable_v2_controllers(&fs, Path::new(CG), Path::new(MACHINE), &wanted(&all_limits()))
-            .unwrap();
+        enable_v2_controllers(
+            &fs,
+            Path::new(CG),
+            Path::new(MACHINE),
+            &wanted(&all_limits()),
+        )
+        .unwrap();
         assert!(fs.writes().is_empty(), "{:?}", fs.writes());
     }
 
@@ -980,7 +1039,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("resources.memory") && err.contains("could raise it"), "{err}");
+        assert!(
+            err.contains("resources.memory") && err.contains("could raise it"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -996,7 +1058,10 @@ mod tests {
         let err = write_limits(&fs, &unified(), &|_| Some(PathBuf::from(MACHINE)), &r, 1)
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("cannot apply resources.io_weight:"), "{err}");
+        assert!(
+            err.starts_with("cannot apply resources.io_weight:"),
+            "{err}"
+        );
         // Unset, the same missing file is no error.
         write_limits(
             &fs,
@@ -1014,7 +1079,10 @@ mod tests {
         {
             let mut files = fs.files.borrow_mut();
             files.remove(&PathBuf::from(format!("{MACHINE}/io.weight")));
-            files.insert(PathBuf::from(format!("{MACHINE}/io.bfq.weight")), String::new());
+            files.insert(
+                PathBuf::from(format!("{MACHINE}/io.bfq.weight")),
+                String::new(),
+            );
         }
         let r = Resources {
             io_weight: Some(5000),
@@ -1080,12 +1148,16 @@ mod tests {
             Home::V1("/sys/fs/cgroup/memory".into())
         );
         // Co-mounted cpu,cpuacct is one hierarchy.
-        let comounted = "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n";
+        let comounted =
+            "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n";
         let layout = Layout {
             v2_controllers: vec![],
             v1: parse_v1_mounts(comounted),
         };
-        assert_eq!(layout.v1_mounts(), vec![PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")]);
+        assert_eq!(
+            layout.v1_mounts(),
+            vec![PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")]
+        );
         // A controller on cgroup2 wins over v1.
         let layout = Layout {
             v2_controllers: vec!["memory".into()],
@@ -1133,7 +1205,10 @@ mod tests {
         let fs = Recorder::with(&[
             ("/m/memory.current", "32768000\n"),
             ("/m/memory.max", "max\n"),
-            ("/m/memory.events", "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n"),
+            (
+                "/m/memory.events",
+                "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
+            ),
             ("/m/cpu.stat", "usage_usec 1204000\nuser_usec 1000\n"),
             ("/m/pids.current", "12\n"),
             ("/m/pids.max", "512\n"),

@@ -381,12 +381,10 @@ impl Supervisor {
         drop(notify);
         let ended = Instant::now();
         let _ = fs::remove_file(host_dir.join(paths::NOTIFY));
-        let cleanup = cgroup::remove_machine_cgroup(&self.plan.cgroup, Duration::from_secs(10))
-            .and(super::resources::remove_v1(
-                self.dir(),
-                self.plan.name(),
-                Duration::from_secs(10),
-            ));
+        let cleanup =
+            cgroup::remove_machine_cgroup(&self.plan.cgroup, Duration::from_secs(10)).and(
+                super::resources::remove_v1(self.dir(), self.plan.name(), Duration::from_secs(10)),
+            );
         tracing::debug!(
             machine = self.plan.name(),
             elapsed_us = ended.elapsed().as_micros() as u64,
