@@ -2023,6 +2023,11 @@ mod example_tests {
             parse_definition(&name, &path, &text).unwrap_or_else(|e| panic!("{e}"));
             seen += 1;
         }
-        assert_eq!(seen, 3);
+        assert_eq!(seen, 4);
+        let limited = dir.join("limited.toml");
+        let text = std::fs::read_to_string(&limited).unwrap();
+        let def = parse_definition("limited", &limited, &text).unwrap();
+        assert_eq!(def.resources.memory, Some(1 << 30));
+        assert_eq!(def.resources.cpus, Some(1.5));
     }
 }
