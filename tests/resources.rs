@@ -508,3 +508,40 @@ async fn systemd_boots_clean_with_and_without_limits() {
     // resources: the machine-id is a bind mount rmachines sets up.)
     assert_eq!(limited, free, "failed units with limits vs without");
 }
+
+/// After a crash of the daemon and the machine's supervisor, the next
+/// daemon removes the machine's v1 cgroups (as it does its cgroup2 one).
+#[tokio::test(flavor = "multi_thread")]
+async fn v1_cgroups_of_a_crashed_supervisor_go_at_the_next_start() {
+    let root = support::fixture("busybox");
+    let mut h = Harness::start_with(|c| {
+        write_definition(c, "crash", &root, &format!("{NO_NET}[resources]\ntasks = 64\n"))
+    });
+    start(&h, "crash");
+    let dirs = v1_dirs(&h, "crash");
+    let state = std::fs::read(h.state_dir().join("machines/crash/state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&state).unwrap();
+    let supervisor = state["supervisor"].as_i64().unwrap() as i32;
+    h.kill_daemon();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{supervisor}")).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for dir in &dirs {
+        assert!(dir.is_dir(), "the crash left {} behind", dir.display());
+    }
+    h.spawn_daemon();
+    for dir in &dirs {
+        assert!(!dir.exists(), "{} of the dead instance left", dir.display());
+    }
+    start(&h, "crash");
+    assert_eq!(number(&status_json(&h, "crash"), "tasks_max"), 64);
+    assert_ok(&h.rmachinectl(&["stop", "crash"]), "stop");
+}
