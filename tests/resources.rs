@@ -130,7 +130,8 @@ async fn forking_past_tasks_fails_inside() {
     let out = shell(
         &h,
         "forks",
-        "i=0; while [ $i -lt 40 ]; do sleep 4 & i=$((i+1)); done; echo all forked",
+        // (HUP ignored: the sleepers outlive the shell's session.)
+        "trap '' HUP; i=0; while [ $i -lt 40 ]; do sleep 4 & i=$((i+1)); done; echo all forked",
     );
     let during = status_json(&h, "forks");
     let out_text = text(&out);
@@ -299,7 +300,7 @@ async fn accounting_is_plausible_and_updates() {
     let out = shell(
         &h,
         "acct",
-        "for i in 1 2 3 4 5; do sleep 20 & done; end=$(( $(date +%s) + 2 )); while [ $(date +%s) -lt $end ]; do :; done",
+        "trap '' HUP; for i in 1 2 3 4 5; do sleep 20 & done; end=$(( $(date +%s) + 2 )); while [ $(date +%s) -lt $end ]; do :; done",
     );
     assert_ok(&out, "sleepers and a busy second");
     let b = status_json(&h, "acct");
