@@ -201,6 +201,7 @@ pub fn setup_private(plan: &NetworkPlan, pid: libc::pid_t) -> Result<(), Network
             }
         };
         if plan.managed_bridge {
+            refuse_configuration_from_machines(machine, &plan.bridge)?;
             if let Some(v4) = plan.bridge_ipv4 {
                 add_address(
                     &host,
@@ -230,6 +231,7 @@ pub fn setup_private(plan: &NetworkPlan, pid: libc::pid_t) -> Result<(), Network
         delete_named(&host, machine, &plan.host_veth).await?;
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(GUEST_IFNAME.to_owned())
+            .address(plan.guest_mac.to_vec())
             .setns_by_pid(pid as u32)
             .build();
         let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
@@ -310,6 +312,38 @@ pub fn setup_private(plan: &NetworkPlan, pid: libc::pid_t) -> Result<(), Network
         }
         Ok(())
     })
+}
+
+/// The host's side of the managed bridge takes no configuration from the
+/// machines: no router advertisements (a default route, addresses, an MTU),
+/// no autoconfigured addresses, no ICMP redirects. Set before the bridge
+/// comes up and on every start (a few sysctl writes), so a bridge left by
+/// an earlier daemon is covered too. IPv6 forwarding does not need
+/// `accept_ra` on the bridge: the uplinks keep theirs (see firewall.rs).
+fn refuse_configuration_from_machines(machine: &str, bridge: &str) -> Result<(), NetworkError> {
+    let settings = [
+        ("ipv6", "accept_ra"),
+        ("ipv6", "autoconf"),
+        ("ipv6", "accept_redirects"),
+        ("ipv4", "accept_redirects"),
+    ];
+    for (family, key) in settings {
+        let path = format!("/proc/sys/net/{family}/conf/{bridge}/{key}");
+        match std::fs::write(&path, "0") {
+            Ok(()) => {}
+            // No IPv6 on this host (ipv6.disable=1): nothing to refuse.
+            Err(e) if family == "ipv6" && e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(NetworkError::Io {
+                    machine: machine.to_owned(),
+                    action: "write 0 to",
+                    path: path.into(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `mode = "none"`: only `lo`, up.
