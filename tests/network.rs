@@ -11,12 +11,20 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use rmachines::definition::{AddressSpec, PortSpec, Protocol};
+use rmachines::definition::{AddressSpec, PortSpec, Protocol, Reach};
 use rmachines::network::{self, link, NetworkError};
 use rmachines::runtime::protocol::MachineState;
 use support::*;
 
 const BOOT: Duration = Duration::from_secs(30);
+
+/// Held by the tests that publish ports: route_localnet on the shared test
+/// bridge depends on whether any running machine publishes one.
+static PUBLISHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn publishing() -> std::sync::MutexGuard<'static, ()> {
+    PUBLISHING.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn boot(def: rmachines::definition::Definition) -> TestMachine {
     let mut m = TestMachine::launch(def);
@@ -378,6 +386,7 @@ fn sysctl(path: &str) -> String {
 
 #[test]
 fn published_port_is_shared_by_running_machines() {
+    let _publishing = publishing();
     let root = fixture("busybox");
     let mut machines: Vec<TestMachine> = (1..=3)
         .map(|i| {
@@ -489,6 +498,7 @@ fn published_port_is_shared_by_running_machines() {
 
 #[test]
 fn bad_network_input_is_rejected_naming_the_key() {
+    let _publishing = publishing();
     let root = fixture("busybox");
     let config = test_network_config();
     let storage = Path::new(TEST_NET_STORAGE);
@@ -1106,4 +1116,123 @@ fn forged_frames_change_no_one_view_of_the_network() {
         mac_text(a_mac)
     ));
     attacker.sh(&format!("ping -c 1 -W 3 {gw4}"));
+}
+
+/// A TCP listener that accepts (and drops) connections until the test
+/// ends, in the namespace of `netns` (a `/run/netns` name) or the test's.
+fn tcp_sink(netns: Option<&str>, addr: SocketAddr) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let path = netns.map(|n| format!("/run/netns/{n}"));
+    std::thread::spawn(move || {
+        if let Some(path) = path {
+            let ns = std::fs::File::open(path).expect("netns");
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        }
+        let listener = std::net::TcpListener::bind(addr).expect("bind sink");
+        ready_tx.send(()).unwrap();
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    ready_rx.recv().expect("sink ready");
+}
+
+/// Whether a TCP connection from inside the machine to `addr` succeeds.
+fn connects(m: &TestMachine, addr: SocketAddr) -> bool {
+    m.enter(
+        "",
+        &[
+            "/bin/sh",
+            "-c",
+            &format!("nc -w 2 {} {} </dev/null", addr.ip(), addr.port()),
+        ],
+    )
+    .status
+    .success()
+}
+
+#[test]
+fn reach_and_isolation_policies_hold() {
+    let _publishing = publishing();
+    let root = fixture("busybox");
+    let machine = |name: &str, reach: Reach, isolated: bool| {
+        let mut def = private_definition(name, &root);
+        def.network.reach = reach;
+        def.network.isolated = isolated;
+        def
+    };
+    let all = boot(machine("nw-reach-all", Reach::All, false));
+    let outside = boot(machine("nw-reach-out", Reach::Outside, false));
+    let isolated = boot(machine("nw-reach-iso", Reach::All, true));
+    let mut closed_def = machine("nw-reach-none", Reach::Nothing, false);
+    closed_def.network.ports = vec![port(18110, 80)];
+    let closed = boot(closed_def);
+    for m in [&all, &outside, &isolated, &closed] {
+        serve_hostname(m);
+    }
+    let gw = all.plan.network.as_ref().unwrap().gateway_v4.unwrap();
+    let host_service = SocketAddr::new(IpAddr::V4(gw), 19100);
+    tcp_sink(None, host_service);
+    let world = ClientNetns::create("rmt-world", "rmt-world-h", 2);
+    let world_service: SocketAddr = "10.220.0.10:19101".parse().unwrap();
+    tcp_sink(Some(world.name), world_service);
+    let web = |m: &TestMachine| SocketAddr::new(v4(m), 80);
+    assert!(http_get_retry(web(&all)).is_some());
+    assert!(http_get_retry(web(&closed)).is_some());
+
+    // reach = "all": the host, the world, the other machines.
+    assert!(connects(&all, host_service), "all -> host");
+    assert!(connects(&all, world_service), "all -> world");
+    assert!(!connects(&all, web(&outside)), "all -> outside");
+    assert!(!connects(&all, web(&isolated)), "all -> isolated");
+    assert!(!connects(&all, web(&closed)), "all -> closed");
+    // isolated: the host and the world, no machine.
+    assert!(connects(&isolated, host_service), "isolated -> host");
+    assert!(connects(&isolated, world_service), "isolated -> world");
+    assert!(!connects(&isolated, web(&all)), "isolated -> all");
+    // reach = "outside": the world only; ICMP to the gateway still works.
+    assert!(connects(&outside, world_service), "outside -> world");
+    assert!(!connects(&outside, host_service), "outside -> host");
+    assert!(!connects(&outside, web(&all)), "outside -> all");
+    outside.sh(&format!("ping -c 1 -W 3 {gw}"));
+    // reach = "nothing": nothing out; its published port in.
+    assert!(!connects(&closed, world_service), "closed -> world");
+    assert!(!connects(&closed, host_service), "closed -> host");
+    assert!(!connects(&closed, web(&all)), "closed -> all");
+    let published = SocketAddr::new(world.host_ip, 18110);
+    let seen = world.run(move || http_get_retry(published));
+    assert_eq!(
+        seen.as_deref(),
+        Some("nw-reach-none"),
+        "world -> closed's port"
+    );
+    assert_eq!(
+        http_get_retry("127.0.0.1:18110".parse().unwrap()).as_deref(),
+        Some("nw-reach-none"),
+        "host loopback -> closed's port"
+    );
+}
+
+/// route_localnet is on only while a machine on the bridge publishes
+/// ports, and a daemon start puts it back off after a crash.
+#[test]
+fn route_localnet_only_while_ports_are_published() {
+    let _publishing = publishing();
+    let root = fixture("busybox");
+    let bridge = test_network_config().bridge;
+    let path = format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet");
+    let mut def = private_definition("nw-localnet", &root);
+    def.network.ports = vec![port(18120, 80)];
+    let mut published = boot(def);
+    assert_eq!(sysctl(&path), "1");
+    published.stop();
+    published.wait_end(BOOT);
+    // The bridge stays for the next machine; its route_localnet goes off.
+    assert_eq!(sysctl(&path), "0", "after the last machine with ports left");
+    let _keeper = boot(private_definition("nw-localnet-keep", &root));
+    assert_eq!(sysctl(&path), "0");
+    // A crashed daemon may leave it on: the next daemon start turns it off.
+    std::fs::write(&path, "1").unwrap();
+    network::firewall::cleanup(&test_network_config()).unwrap();
+    assert_eq!(sysctl(&path), "0", "after the cleanup at daemon start");
 }

@@ -383,10 +383,10 @@ pub fn cleanup(config: &super::NetworkConfig) -> Result<(), NetworkError> {
         .values()
         .map(|m| m.plan.host_veth.clone())
         .collect();
-    for name in link::link_names()? {
+    for (name, master) in link::links_with_masters()? {
         if name.starts_with(super::VETH_PREFIX)
             && !owned.contains(&name)
-            && link::master_of(&name).as_deref() == Some(config.bridge.as_str())
+            && master.as_deref() == Some(config.bridge.as_str())
         {
             tracing::info!(link = %name, bridge = %config.bridge, "removing a leftover machine link");
             let _ = link::delete_link("-", &name);

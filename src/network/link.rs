@@ -391,7 +391,9 @@ pub fn remove_machine_link(
     name: &str,
     grace: std::time::Duration,
 ) -> Result<bool, NetworkError> {
-    let entry = std::path::Path::new("/sys/class/net").join(name);
+    // /proc/sys/net shows the caller's network namespace (sysfs shows the
+    // one of whoever mounted it), and every link has an IPv4 entry there.
+    let entry = std::path::Path::new("/proc/sys/net/ipv4/conf").join(name);
     let deadline = std::time::Instant::now() + grace;
     while entry.exists() {
         if std::time::Instant::now() >= deadline {
@@ -402,7 +404,46 @@ pub fn remove_machine_link(
     Ok(false)
 }
 
-/// Names of the host's links.
+/// Names of the host's links, each with the name of its master (the
+/// bridge it is attached to), if any.
+pub fn links_with_masters() -> Result<Vec<(String, Option<String>)>, NetworkError> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    run("-", async {
+        let host = connect("-")?;
+        let mut links = Vec::new();
+        let mut dump = host.link().get().execute();
+        while let Some(msg) = dump
+            .try_next()
+            .await
+            .map_err(nl_err("-", "listing links"))?
+        {
+            let mut name = None;
+            let mut master = None;
+            for attr in msg.attributes {
+                match attr {
+                    LinkAttribute::IfName(n) => name = Some(n),
+                    LinkAttribute::Controller(index) => master = Some(index),
+                    _ => {}
+                }
+            }
+            if let Some(name) = name {
+                links.push((msg.header.index, name, master));
+            }
+        }
+        let name_of = |index: u32| {
+            links
+                .iter()
+                .find(|(i, _, _)| *i == index)
+                .map(|(_, n, _)| n.clone())
+        };
+        Ok(links
+            .iter()
+            .map(|(_, name, master)| (name.clone(), master.and_then(name_of)))
+            .collect())
+    })
+}
+
+/// Names of the host's links./// Names of the host's links.
 pub fn link_names() -> Result<Vec<String>, NetworkError> {
     run("-", async {
         let host = connect("-")?;
@@ -421,10 +462,4 @@ pub fn link_names() -> Result<Vec<String>, NetworkError> {
         }
         Ok(names)
     })
-}
-
-/// The bridge (or other master) a host link is attached to, from sysfs.
-pub fn master_of(name: &str) -> Option<String> {
-    let target = std::fs::read_link(format!("/sys/class/net/{name}/master")).ok()?;
-    Some(target.file_name()?.to_string_lossy().into_owned())
 }
