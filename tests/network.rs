@@ -71,13 +71,18 @@ fn links() -> Vec<String> {
     link::link_names().expect("list links")
 }
 
+/// Both of the test configuration's tables (inet and bridge), as text.
 fn table_text() -> String {
     let table = test_network_config().table;
-    let out = Command::new("nft")
-        .args(["list", "table", "inet", &table])
-        .output()
-        .expect("nft");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut text = String::new();
+    for family in ["inet", "bridge"] {
+        let out = Command::new("nft")
+            .args(["list", "table", family, &table])
+            .output()
+            .expect("nft");
+        text.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    text
 }
 
 /// Nothing of this machine's network is left on the host.
@@ -89,6 +94,12 @@ fn assert_network_gone(m: &TestMachine) {
         net.host_veth
     );
     let table = table_text();
+    assert!(
+        !table.contains(&format!("\"{}\"", net.host_veth))
+            && !table.contains(&format!("m-{}", net.host_veth)),
+        "rules for {} left:\n{table}",
+        net.host_veth
+    );
     for addr in net.addresses() {
         let addr = addr.split('/').next().unwrap().to_owned();
         assert!(!table.contains(&addr), "rules for {addr} left:\n{table}");
@@ -169,6 +180,12 @@ fn host_and_machine_reach_each_other() {
     assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "hello");
     drop(conn);
 
+    // Its chain and map entry are in the bridge table while it runs.
+    let table = table_text();
+    assert!(
+        table.contains(&format!("\"{}\" : goto m-{}", net.host_veth, net.host_veth)),
+        "{table}"
+    );
     m.stop();
     let end = m.wait_end(BOOT);
     assert_eq!(end.state, MachineState::Stopped, "{end:?}");

@@ -1,12 +1,14 @@
-//! Membership of running private machines and the one nftables table that
-//! serves them (NAT, published ports, the loopback guard).
+//! Membership of running private machines and the nftables tables that
+//! serve them (NAT, published ports, the loopback guard; anti-spoofing and
+//! the reach policy come from [`guard`]).
 //!
 //! Every supervisor of a private machine registers in
 //! `<runtime_dir>/members.json` (under an flock) while its machine runs.
 //! The table's rules depend on the bridges in use and the published ports
-//! (its [`Shape`]); the NAT addresses live in one set per bridge. A machine
-//! that only changes a NAT set (the common case: no published ports, a
-//! bridge already in use) adds or deletes its element; any other change
+//! (its [`Shape`]); the NAT addresses live in one set per bridge, and each
+//! machine's own rules in its chain and set elements. A machine that
+//! changes nothing else (the common case: no published ports, a bridge
+//! already in use) adds or deletes those; any other change
 //! rebuilds the table whole from the registry in one atomic `nft -j -f -`
 //! transaction, so a port shared by several machines always rotates over
 //! exactly the running ones. No rule of anyone else's table is touched.
@@ -413,8 +415,9 @@ fn remove_unused_bridge(plan: &NetworkPlan, state: &State) {
     }
 }
 
-/// Brings the table in line with `state` after `change`: adds or deletes
-/// one NAT element when that is all that changed, else rebuilds the table
+/// Brings the tables in line with `state` after `change`: adds or deletes
+/// the machine's chain and elements when that is all that changed, else
+/// rebuilds the tables
 /// whole (or deletes it when no machine runs and the change is not a
 /// single machine leaving: daemon start and exit). Turns IPv4 forwarding on
 /// while a machine needs it and restores it after.
@@ -470,7 +473,13 @@ fn apply(
     };
     // A table changed behind our back makes the element change fail; the
     // rebuild below repairs it.
-    let done = incremental.is_some_and(|commands| nft(machine, &commands).is_ok());
+    let done = incremental.is_some_and(|commands| match nft(machine, &commands) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::debug!(%err, "the element change failed; rebuilding the tables");
+            false
+        }
+    });
     if !done {
         state.shape = None;
         if members.is_empty() {

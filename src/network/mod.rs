@@ -183,7 +183,7 @@ pub struct NetworkConfig {
     pub ipv4_subnet: Ipv4Cidr,
     /// Machines' IPv6 subnet (ULA); None: no IPv6 on the managed bridge.
     pub ipv6_subnet: Option<Ipv6Cidr>,
-    /// Name of the nftables table (family inet) that holds every rule.
+    /// Name of the nftables tables (families inet and bridge) that hold every rule.
     pub table: String,
     /// Runtime state shared by all supervisors of this daemon: the firewall
     /// membership registry and its lock.
@@ -250,7 +250,7 @@ pub struct NetworkPlan {
     /// `network.isolated`: no traffic with the other machines.
     #[serde(default)]
     pub isolated: bool,
-    /// The nftables table (family inet) and the shared registry directory.
+    /// The nftables tables (inet and bridge) and the shared registry directory.
     pub table: String,
     pub runtime_dir: PathBuf,
 }
