@@ -193,11 +193,31 @@ fn host_and_machine_reach_each_other() {
     assert_nothing_left(&m);
 }
 
+/// The handles of both tables: a rebuild creates them anew.
+fn table_handles() -> String {
+    let table = test_network_config().table;
+    ["inet", "bridge"]
+        .map(|family| {
+            let text = host_cmd(&["nft", "-a", "list", "table", family, &table]);
+            text.lines().next().unwrap_or("").to_owned()
+        })
+        .join(" / ")
+}
+
 #[test]
 fn machines_reach_each_other_over_the_bridge() {
+    let _publishing = publishing();
     let root = fixture("busybox");
     let a = boot(private_definition("nw-peer-a", &root));
+    // A start or stop next to a running machine changes only its own chain
+    // and elements: the tables are not rebuilt.
+    let handles = table_handles();
+    assert!(handles.contains("# handle"), "{handles}");
+    let mut passing = boot(private_definition("nw-peer-c", &root));
+    passing.stop();
+    passing.wait_end(BOOT);
     let b = boot(private_definition("nw-peer-b", &root));
+    assert_eq!(table_handles(), handles, "the tables were rebuilt");
     serve_hostname(&b);
     let mut body = String::new();
     for _ in 0..15 {
