@@ -91,14 +91,12 @@ pub(crate) fn machine_chain(plan: &NetworkPlan) -> String {
 fn machine_rules(plan: &NetworkPlan) -> Vec<Vec<Value>> {
     let mac = mac_text(plan.guest_mac);
     let mut rules = vec![
-        // Its own MAC address, and only IPv4, IPv6 and ARP: no VLAN tags
-        // to hide in, no spanning tree or LLDP frames for the bridge.
-        drop_if(vec![not_matches(payload("ether", "saddr"), json!(mac))]),
+        // Only IPv4, IPv6 and ARP: no VLAN tags to hide in, no spanning
+        // tree or LLDP frames for the bridge.
         drop_if(vec![not_matches(
             payload("ether", "type"),
             set(vec![json!("ip"), json!("ip6"), json!("arp")]),
         )]),
-        drop_if(vec![not_matches(payload("arp", "saddr ether"), json!(mac))]),
         // No DHCP (v4 or v6) server or relay replies, no redirects, no
         // router advertisements or renumbering.
         drop_if(vec![matches(
@@ -127,6 +125,21 @@ fn machine_rules(plan: &NetworkPlan) -> Vec<Vec<Value>> {
             json!(own),
         )]));
     }
+    if !plan.knows_guest_mac() {
+        // A machine started by a version that did not fix host0's MAC
+        // address (re-adopted after an upgrade): its MAC, and so its
+        // link-local address, is unknown until it restarts.
+        return rules;
+    }
+    // Its own MAC address, in the frame and in ARP.
+    rules.push(drop_if(vec![not_matches(
+        payload("ether", "saddr"),
+        json!(mac),
+    )]));
+    rules.push(drop_if(vec![not_matches(
+        payload("arp", "saddr ether"),
+        json!(mac),
+    )]));
     // The link-layer address options of neighbour discovery: when an ND
     // message carries options, the first one is the link-layer address
     // (Linux uses the first of duplicates) and it is the machine's own.
@@ -212,7 +225,7 @@ fn inet_elements(plan: &NetworkPlan) -> Vec<(&'static str, Value)> {
     if plan.reach != Reach::All {
         add("restricted4", &v4);
         add("restricted6", &v6);
-        if plan.knows_ipv6_sources() {
+        if plan.knows_ipv6_sources() && plan.knows_guest_mac() {
             add(
                 "restricted6",
                 &Some(json!(plan.guest_link_local().to_string())),
@@ -434,6 +447,59 @@ pub(crate) fn inet_policy(table: &str) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::network::{guest_mac, Ipv4Cidr, NetworkPlan};
+
+    fn plan(mac: [u8; 6]) -> NetworkPlan {
+        NetworkPlan {
+            machine: "web".into(),
+            host_veth: "ve-web".into(),
+            bridge: "rm-br0".into(),
+            managed_bridge: true,
+            bridge_ipv4: None,
+            bridge_ipv6: None,
+            ipv4: Some(Ipv4Cidr {
+                addr: "10.213.0.5".parse().unwrap(),
+                prefix: 16,
+            }),
+            ipv6: None,
+            gateway_v4: None,
+            gateway_v6: None,
+            nat: true,
+            ports: vec![],
+            guest_mac: mac,
+            reach: Reach::Outside,
+            isolated: false,
+            table: "rmachines".into(),
+            runtime_dir: "/run/rmachines/network".into(),
+        }
+    }
+
+    #[test]
+    fn a_machine_chain_checks_what_is_known() {
+        let known = serde_json::to_string(&machine_rules(&plan(guest_mac("web")))).unwrap();
+        assert!(known.contains(&mac_text(guest_mac("web"))), "{known}");
+        assert!(known.contains("10.213.0.5"), "{known}");
+        assert!(known.contains("nd-router-advert"), "{known}");
+        assert!(known.contains("fe80::"), "{known}");
+        // A plan from before fixed MACs: no MAC or link-local rule.
+        let unknown = serde_json::to_string(&machine_rules(&plan([0; 6]))).unwrap();
+        assert!(!unknown.contains("saddr ether"), "{unknown}");
+        assert!(!unknown.contains("fe80::"), "{unknown}");
+        assert!(unknown.contains("10.213.0.5"), "{unknown}");
+        assert!(unknown.contains("nd-router-advert"), "{unknown}");
+    }
+
+    #[test]
+    fn member_commands_add_and_delete_the_same_things() {
+        let p = plan(guest_mac("web"));
+        let add = serde_json::to_string(&member_commands("t", &p, true)).unwrap();
+        let delete = serde_json::to_string(&member_commands("t", &p, false)).unwrap();
+        for needle in ["\"ports\"", "restricted4", "isolated4", "m-ve-web"] {
+            assert!(add.contains(needle), "{needle}: {add}");
+            assert!(delete.contains(needle), "{needle}: {delete}");
+        }
+        assert!(!add.contains("closed4"), "{add}");
+    }
 
     #[test]
     fn hex_forms() {

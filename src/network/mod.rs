@@ -280,6 +280,12 @@ impl NetworkPlan {
         link_local(self.guest_mac)
     }
 
+    /// Whether host0's MAC address is the one rmachined gave it (plans
+    /// written before that have none).
+    pub fn knows_guest_mac(&self) -> bool {
+        self.guest_mac != [0; 6]
+    }
+
     /// Whether rmachined knows every IPv6 source address the machine may
     /// use (its link-local one and the one it was given): on its own
     /// bridge, or with an explicit IPv6 address. A machine on a foreign
