@@ -3,12 +3,17 @@
 
 mod lifecycle;
 mod query;
+mod remote;
 mod shell;
 mod table;
 mod terminal;
 
+use std::sync::OnceLock;
+
 use clap::{Parser, Subcommand};
 use zbus::Connection;
+
+pub use remote::Host;
 
 use crate::dbus::proxy::ManagerProxy;
 
@@ -16,6 +21,12 @@ use crate::dbus::proxy::ManagerProxy;
 #[derive(Debug, Parser)]
 #[command(name = "rmachinectl", version)]
 pub struct Cli {
+    /// Operate on rmachined on a remote host, over ssh (which runs
+    /// systemd-stdio-bridge there); the environment variable RMACHINES_HOST
+    /// does the same. `shell` runs the remote host's rmachinectl through
+    /// ssh. The ssh client is `ssh`, or the program RMACHINES_SSH names.
+    #[arg(short = 'H', long = "host", value_name = "[USER@]HOST[:PORT]")]
+    host: Option<Host>,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +53,8 @@ enum Command {
 pub enum CliError {
     #[error("cannot connect to the system bus: {0}")]
     Connect(#[source] zbus::Error),
+    #[error("cannot reach rmachined over ssh (ssh said why above, if it did): {0}")]
+    Remote(#[source] zbus::Error),
     #[error("{}", bus_message(.0))]
     Bus(#[from] zbus::Error),
     #[error("{0}")]
@@ -73,7 +86,22 @@ fn bus_message(error: &zbus::Error) -> String {
 /// Runs the command; returns the process exit status. Errors of commands
 /// that act on several machines are printed as they happen and count as 1.
 pub async fn run(cli: Cli) -> Result<i32, CliError> {
-    let connection = Connection::system().await.map_err(CliError::Connect)?;
+    let host = match cli.host.clone() {
+        Some(host) => Some(host),
+        None => remote::host_from_environment().map_err(CliError::Failed)?,
+    };
+    let connection = match &host {
+        None => Connection::system().await.map_err(CliError::Connect)?,
+        Some(host) => {
+            let _ = REMOTE_HOST.set(host.to_string());
+            if cli.command.passes_descriptors() {
+                let verb_args = remote::verb_args(std::env::args_os());
+                let terminal = remote::terminal_for(&verb_args);
+                return remote::run_remote_cli(host, &verb_args, terminal).await;
+            }
+            remote::connect(host).await?
+        }
+    };
     // No property cache: it would cost two more round trips (AddMatch,
     // GetAll) before the first call, and the CLI reads properties rarely.
     let manager = ManagerProxy::builder(&connection)
@@ -94,7 +122,22 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     }
 }
 
+impl Command {
+    /// Verbs that hand rmachined a descriptor (a pty, the caller's stdio):
+    /// descriptors cannot cross ssh, so with `-H` the remote rmachinectl
+    /// runs them.
+    fn passes_descriptors(&self) -> bool {
+        matches!(self, Command::Shell(_))
+    }
+}
+
+/// The `-H` host, once known: every error line names it.
+static REMOTE_HOST: OnceLock<String> = OnceLock::new();
+
 /// Prints one error line the way every rmachinectl error looks.
 pub fn report(error: &dyn std::fmt::Display) {
-    eprintln!("rmachinectl: {error}");
+    match REMOTE_HOST.get() {
+        Some(host) => eprintln!("rmachinectl: {host}: {error}"),
+        None => eprintln!("rmachinectl: {error}"),
+    }
 }

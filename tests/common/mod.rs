@@ -62,6 +62,7 @@ pub struct Harness {
     notifications: Vec<String>,
     network_args: Vec<String>,
     shared_root: bool,
+    netns: Option<PathBuf>,
 }
 
 impl Harness {
@@ -87,7 +88,22 @@ impl Harness {
         Self::start_inner(install, setup, false)
     }
 
+    /// A bus and a daemon whose network namespace is `netns` (a
+    /// `/proc/PID/ns/net` path): a test host of its own (tests/fleet.rs).
+    pub fn start_in_netns(netns: &Path, setup: impl FnOnce(&Path)) -> Self {
+        Self::start_full(Install::built(), setup, false, Some(netns.to_owned()))
+    }
+
     fn start_inner(install: Install, setup: impl FnOnce(&Path), shared_root: bool) -> Self {
+        Self::start_full(install, setup, shared_root, None)
+    }
+
+    fn start_full(
+        install: Install,
+        setup: impl FnOnce(&Path),
+        shared_root: bool,
+        netns: Option<PathBuf>,
+    ) -> Self {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("rmachines-test-")
@@ -141,6 +157,7 @@ impl Harness {
             notifications: Vec::new(),
             network_args: test_network_args(),
             shared_root,
+            netns,
         };
         harness.spawn_daemon();
         harness
@@ -163,6 +180,14 @@ impl Harness {
                 .args(["--mount", "--propagation", "shared", "--"])
                 .arg(&self.install.rmachined);
             unshare
+        } else if let Some(netns) = &self.netns {
+            // nsenter execs rmachined in place: the pid stays the daemon's.
+            let mut nsenter = Command::new("nsenter");
+            nsenter
+                .arg(format!("--net={}", netns.display()))
+                .arg("--")
+                .arg(&self.install.rmachined);
+            nsenter
         } else {
             Command::new(&self.install.rmachined)
         };
