@@ -15,6 +15,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{write_definition, Harness};
@@ -29,7 +30,25 @@ struct TestHost {
     holder: Child,
     sshd: Option<Child>,
     harness: Option<Harness>,
+    cgroup: Option<PathBuf>,
 }
+
+/// Runs `$3...` (rmachined) in cgroup `$2`, in new mount and cgroup
+/// namespaces where the cgroup2 mount shows that cgroup as its root, as
+/// scripts/isolated.sh does. Each step execs: the pid stays the daemon's.
+const OWN_CGROUP_TREE: &str = r#"set -e
+mount=$1
+cgroup=$2
+shift 2
+echo $$ >"$cgroup/cgroup.procs"
+exec unshare -m -C --propagation private -- /bin/sh -c '
+	set -e
+	umount -l "$1"
+	mount -t cgroup2 cgroup2 "$1"
+	shift
+	exec "$@"
+' sh "$mount" "$@"
+"#;
 
 impl TestHost {
     fn harness(&self) -> &Harness {
@@ -52,6 +71,13 @@ impl Drop for TestHost {
         // The namespace, and the veth pair with it, go with its last process.
         let _ = self.holder.kill();
         let _ = self.holder.wait();
+        if let Some(cgroup) = self.cgroup.take() {
+            // Empty once the daemon and its machines are gone.
+            let _ = std::fs::remove_dir(&cgroup);
+            if cgroup.exists() {
+                eprintln!("{} is not empty", cgroup.display());
+            }
+        }
     }
 }
 
@@ -78,10 +104,15 @@ impl Fleet {
             hosts: Vec::new(),
         };
         let mut known_hosts = String::new();
-        // A /24 per host, distinct across concurrent runs of this file.
-        let base = std::process::id() % 50 * 4;
+        // A /24 and link names per host, distinct across the fleets of
+        // this process and of concurrent runs of this file.
+        static FLEETS: AtomicUsize = AtomicUsize::new(0);
+        let fleet_id = FLEETS.fetch_add(1, Ordering::Relaxed) % 3;
+        assert!(count <= 4, "at most 4 hosts per fleet");
+        let base = std::process::id() as usize % 20 * 12 + fleet_id * 4;
         for index in 0..count {
-            let host = fleet.start_host(index, base as usize + index, &setup);
+            let tag = format!("{}{fleet_id}{index}", std::process::id() % 10_000);
+            let host = fleet.start_host(index, base + index, &tag, &setup);
             let host_key = std::fs::read_to_string(
                 fleet
                     .dir
@@ -119,7 +150,13 @@ impl Fleet {
         fleet
     }
 
-    fn start_host(&self, index: usize, subnet: usize, setup: &impl Fn(usize, &Path)) -> TestHost {
+    fn start_host(
+        &self,
+        index: usize,
+        subnet: usize,
+        tag: &str,
+        setup: &impl Fn(usize, &Path),
+    ) -> TestHost {
         let dir = self.dir.path().join(format!("host{index}"));
         std::fs::create_dir(&dir).expect("create the host's directory");
         let mut holder = Command::new("unshare");
@@ -131,11 +168,12 @@ impl Fleet {
             holder,
             sshd: None,
             harness: None,
+            cgroup: None,
         };
         wait_for_own_netns(&netns);
 
-        let outside = format!("rmf{}a{index}", std::process::id() % 100_000);
-        let inside = format!("rmf{}b{index}", std::process::id() % 100_000);
+        let outside = format!("rmf{tag}a");
+        let inside = format!("rmf{tag}b");
         let pid = host.holder.id().to_string();
         run(&[
             "ip", "link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns", &pid,
@@ -163,7 +201,24 @@ impl Fleet {
         ]);
         run(&["nsenter", &net, "ip", "link", "set", &inside, "up"]);
 
-        host.harness = Some(Harness::start_in_netns(&netns, |config| {
+        // A host of its own has its own cgroup tree: machines of the same
+        // name on two hosts must not share a cgroup.
+        let mount = rmachines::runtime::cgroup::cgroup2_mount().expect("the cgroup2 mount");
+        let cgroup = mount.join(format!("rmachines-fleet-{}-{tag}", std::process::id()));
+        std::fs::create_dir(&cgroup).expect("create the host's cgroup");
+        host.cgroup = Some(cgroup.clone());
+        let wrapper = vec![
+            "nsenter".to_owned(),
+            net.clone(),
+            "--".to_owned(),
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            OWN_CGROUP_TREE.to_owned(),
+            "sh".to_owned(),
+            mount.display().to_string(),
+            cgroup.display().to_string(),
+        ];
+        host.harness = Some(Harness::start_wrapped(wrapper, |config| {
             setup(index, config)
         }));
 
@@ -337,11 +392,17 @@ fn json(out: &Output) -> serde_json::Value {
     })
 }
 
-/// The state of `name` as the host's own (local) rmachinectl sees it.
+/// The state of `name` as the host's own (local) rmachinectl sees it, and
+/// its error when there is one.
 fn local_state(host: &TestHost, name: &str) -> String {
     let out = host.harness().rmachinectl(&["status", name, "--json"]);
     assert_ok(&out, "local status");
-    json(&out)["state"].as_str().unwrap_or_default().to_owned()
+    let status = json(&out);
+    let state = status["state"].as_str().unwrap_or_default();
+    match status["error"].as_str() {
+        Some(error) if !error.is_empty() => format!("{state}: {error}"),
+        _ => state.to_owned(),
+    }
 }
 
 #[test]
@@ -450,6 +511,241 @@ fn rmachinectl_h_drives_two_hosts() {
             fleet.sshd_log(index).contains("Accepted publickey"),
             "sshd on host {index} saw the key login: {}",
             fleet.sshd_log(index)
+        );
+    }
+}
+
+/// A playbook run: its exit status, output, and each host's recap.
+struct PlaybookRun {
+    output: Output,
+}
+
+impl PlaybookRun {
+    fn log(&self) -> String {
+        format!("{}{}", text(&self.output.stdout), text(&self.output.stderr))
+    }
+
+    /// `changed=N` of `host` in the PLAY RECAP.
+    fn changed(&self, host: &str) -> u32 {
+        self.recap(host, "changed")
+    }
+
+    fn recap(&self, host: &str, key: &str) -> u32 {
+        let log = self.log();
+        let line = log
+            .lines()
+            .skip_while(|line| !line.starts_with("PLAY RECAP"))
+            .find(|line| line.split_whitespace().next() == Some(host))
+            .unwrap_or_else(|| panic!("no recap for {host}:\n{log}"));
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix(&format!("{key}=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}= for {host} in {line:?}"))
+    }
+
+    fn assert_ok(&self, what: &str) {
+        assert!(self.output.status.success(), "{what}:\n{}", self.log());
+    }
+}
+
+impl Fleet {
+    /// An INI inventory of every host, with its rmachined's config dir.
+    fn write_inventory(&self) -> PathBuf {
+        let mut inventory = String::from("[machines]\n");
+        for (index, host) in self.hosts.iter().enumerate() {
+            inventory.push_str(&format!(
+                "host{index} ansible_host={} rm_config_dir={}\n",
+                host.address,
+                host.harness().config_dir().display()
+            ));
+        }
+        inventory.push_str(
+            "\n[machines:vars]\nansible_user=root\nansible_python_interpreter=/usr/bin/python3\n",
+        );
+        let path = self.dir.path().join("inventory");
+        std::fs::write(&path, inventory).expect("write the inventory");
+        path
+    }
+
+    fn ansible_playbook(&self, playbook: &str, extra: &[&str]) -> PlaybookRun {
+        let path = self.dir.path().join("playbook.yml");
+        std::fs::write(&path, playbook).expect("write the playbook");
+        let inventory = self.write_inventory();
+        let home = self.dir.path().join("ansible");
+        // Only this run's settings: no ansible.cfg of the machine's.
+        let config = self.dir.path().join("ansible.cfg");
+        std::fs::write(&config, "[defaults]\n").expect("write ansible.cfg");
+        let output = Command::new("ansible-playbook")
+            .arg("-i")
+            .arg(&inventory)
+            .args(extra)
+            .arg(&path)
+            .env(
+                "ANSIBLE_COLLECTIONS_PATH",
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ansible"),
+            )
+            .env("ANSIBLE_HOME", &home)
+            .env("ANSIBLE_LOCAL_TEMP", home.join("tmp"))
+            .env("ANSIBLE_REMOTE_TMP", home.join("remote-tmp"))
+            // No ControlPersist master left behind after the run.
+            .env(
+                "ANSIBLE_SSH_ARGS",
+                format!(
+                    "-F {} -o ControlMaster=no",
+                    self.dir.path().join("ssh_config").display()
+                ),
+            )
+            .env("ANSIBLE_NOCOLOR", "1")
+            .env("ANSIBLE_FORCE_COLOR", "0")
+            .env("ANSIBLE_RETRY_FILES_ENABLED", "0")
+            .env("ANSIBLE_CONFIG", &config)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ansible-playbook (Debian package ansible-core)");
+        PlaybookRun { output }
+    }
+}
+
+/// The fleet's declared state: `web` runs everywhere, `db` is defined but
+/// stopped.
+fn site_playbook(root: &Path, web_extra: &str) -> String {
+    format!(
+        r#"- hosts: machines
+  gather_facts: false
+  tasks:
+    - name: web runs on every host
+      rmachines.core.machine:
+        name: web
+        config_dir: "{{{{ rm_config_dir }}}}"
+        state: started
+        definition:
+          root: {root}
+          stop_timeout: 10s
+          network:
+            mode: none
+{web_extra}
+    - name: db is defined and stopped
+      rmachines.core.machine:
+        name: db
+        config_dir: "{{{{ rm_config_dir }}}}"
+        state: stopped
+        definition:
+          root: {root}
+          network:
+            mode: none
+"#,
+        root = root.display()
+    )
+}
+
+const ABSENT_PLAYBOOK: &str = r#"- hosts: machines
+  gather_facts: false
+  tasks:
+    - name: no web, no db
+      rmachines.core.machine:
+        name: "{{ item }}"
+        config_dir: "{{ rm_config_dir }}"
+        state: absent
+      loop: [web, db]
+"#;
+
+#[test]
+fn ansible_declares_machines_on_two_hosts() {
+    let root = support::fixture("busybox");
+    let fleet = Fleet::start(2, |_, _| {});
+    let hosts = ["host0", "host1"];
+    let site = site_playbook(&root, "");
+
+    // Check mode: what would change, with the file as a diff; nothing done.
+    let run = fleet.ansible_playbook(&site, &["--check", "--diff"]);
+    run.assert_ok("check run");
+    for (index, name) in hosts.iter().enumerate() {
+        assert_eq!(run.changed(name), 2, "check run on {name}:\n{}", run.log());
+        let config = fleet.hosts[index].harness().config_dir();
+        assert!(!config.join("web.toml").exists(), "check mode wrote a file");
+    }
+    assert!(
+        run.log()
+            .contains(&format!("+root = \"{}\"", root.display())),
+        "diff shows the definition:\n{}",
+        run.log()
+    );
+
+    // The real run brings every host to the declared state.
+    let run = fleet.ansible_playbook(&site, &[]);
+    run.assert_ok("first run");
+    for (index, name) in hosts.iter().enumerate() {
+        assert_eq!(run.changed(name), 2, "first run on {name}:\n{}", run.log());
+        let host = &fleet.hosts[index];
+        assert_eq!(local_state(host, "web"), "running", "web on {name}");
+        assert_eq!(local_state(host, "db"), "stopped", "db on {name}");
+        let file = std::fs::read_to_string(host.harness().config_dir().join("web.toml"))
+            .expect("web.toml was written");
+        assert!(file.contains("[network]\nmode = \"none\""), "{file}");
+    }
+
+    // Again: nothing to do, in check mode or not.
+    for extra in [&["--check"][..], &[]] {
+        let run = fleet.ansible_playbook(&site, extra);
+        run.assert_ok("second run");
+        for name in hosts {
+            assert_eq!(
+                run.changed(name),
+                0,
+                "second run {extra:?} on {name}:\n{}",
+                run.log()
+            );
+        }
+    }
+
+    // A definition rmachined refuses: the task fails with its error text.
+    let bad = site_playbook(&root, "          colour: red");
+    let run = fleet.ansible_playbook(&bad, &[]);
+    assert!(
+        !run.output.status.success(),
+        "a bad definition passed:\n{}",
+        run.log()
+    );
+    assert!(
+        run.log().contains("colour") && run.log().contains("web.toml"),
+        "rmachined's error (file, key) in the failure:\n{}",
+        run.log()
+    );
+    for (index, name) in hosts.iter().enumerate() {
+        let host = &fleet.hosts[index];
+        assert_eq!(
+            local_state(host, "web"),
+            "running",
+            "web disturbed on {name}"
+        );
+        let file = std::fs::read_to_string(host.harness().config_dir().join("web.toml"))
+            .expect("web.toml");
+        assert!(
+            !file.contains("colour"),
+            "the refused file was kept: {file}"
+        );
+    }
+
+    // state: absent stops and removes both, once.
+    let run = fleet.ansible_playbook(ABSENT_PLAYBOOK, &[]);
+    run.assert_ok("absent run");
+    for (index, name) in hosts.iter().enumerate() {
+        assert_eq!(run.changed(name), 1, "absent run on {name}:\n{}", run.log());
+        let host = &fleet.hosts[index];
+        let out = host.harness().rmachinectl(&["list", "--json"]);
+        assert_ok(&out, "local list");
+        assert_eq!(json(&out), serde_json::json!([]), "machines left on {name}");
+        assert!(!host.harness().config_dir().join("web.toml").exists());
+    }
+    let run = fleet.ansible_playbook(ABSENT_PLAYBOOK, &[]);
+    run.assert_ok("second absent run");
+    for name in hosts {
+        assert_eq!(
+            run.changed(name),
+            0,
+            "second absent run on {name}:\n{}",
+            run.log()
         );
     }
 }

@@ -62,7 +62,7 @@ pub struct Harness {
     notifications: Vec<String>,
     network_args: Vec<String>,
     shared_root: bool,
-    netns: Option<PathBuf>,
+    wrapper: Vec<String>,
 }
 
 impl Harness {
@@ -88,21 +88,22 @@ impl Harness {
         Self::start_inner(install, setup, false)
     }
 
-    /// A bus and a daemon whose network namespace is `netns` (a
-    /// `/proc/PID/ns/net` path): a test host of its own (tests/fleet.rs).
-    pub fn start_in_netns(netns: &Path, setup: impl FnOnce(&Path)) -> Self {
-        Self::start_full(Install::built(), setup, false, Some(netns.to_owned()))
+    /// A bus and a daemon started through `wrapper` (a command that execs
+    /// its arguments in place, e.g. `nsenter --net=...`): a test host of
+    /// its own (tests/fleet.rs).
+    pub fn start_wrapped(wrapper: Vec<String>, setup: impl FnOnce(&Path)) -> Self {
+        Self::start_full(Install::built(), setup, false, wrapper)
     }
 
     fn start_inner(install: Install, setup: impl FnOnce(&Path), shared_root: bool) -> Self {
-        Self::start_full(install, setup, shared_root, None)
+        Self::start_full(install, setup, shared_root, Vec::new())
     }
 
     fn start_full(
         install: Install,
         setup: impl FnOnce(&Path),
         shared_root: bool,
-        netns: Option<PathBuf>,
+        wrapper: Vec<String>,
     ) -> Self {
         require_root();
         let dir = tempfile::Builder::new()
@@ -157,7 +158,7 @@ impl Harness {
             notifications: Vec::new(),
             network_args: test_network_args(),
             shared_root,
-            netns,
+            wrapper,
         };
         harness.spawn_daemon();
         harness
@@ -180,14 +181,11 @@ impl Harness {
                 .args(["--mount", "--propagation", "shared", "--"])
                 .arg(&self.install.rmachined);
             unshare
-        } else if let Some(netns) = &self.netns {
-            // nsenter execs rmachined in place: the pid stays the daemon's.
-            let mut nsenter = Command::new("nsenter");
-            nsenter
-                .arg(format!("--net={}", netns.display()))
-                .arg("--")
-                .arg(&self.install.rmachined);
-            nsenter
+        } else if let Some((program, args)) = self.wrapper.split_first() {
+            // The wrapper execs rmachined in place: the pid stays the daemon's.
+            let mut wrapped = Command::new(program);
+            wrapped.args(args).arg(&self.install.rmachined);
+            wrapped
         } else {
             Command::new(&self.install.rmachined)
         };
