@@ -13,6 +13,7 @@ mod support;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,6 +33,13 @@ struct TestHost {
     harness: Option<Harness>,
     cgroup: Option<PathBuf>,
 }
+
+/// sshd (`-f $2`) with `$1` as /etc/passwd; each step execs, so the pid
+/// is sshd's.
+const SSHD_WITH_PASSWD: &str = r#"set -e
+mount --bind "$1" /etc/passwd
+exec /usr/sbin/sshd -D -e -f "$2"
+"#;
 
 /// Runs `$3...` (rmachined) in cgroup `$2`, in new mount and cgroup
 /// namespaces where the cgroup2 mount shows that cgroup as its root, as
@@ -95,6 +103,9 @@ impl Fleet {
             .prefix("rmachines-fleet-")
             .tempdir()
             .expect("create a temporary directory");
+        // nobody's sshd reads its authorized_keys here.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the fleet directory");
         let key = dir.path().join("client_key");
         keygen(&key);
         // sshd wants its privilege separation directory.
@@ -107,9 +118,10 @@ impl Fleet {
         // A /24 and link names per host, distinct across the fleets of
         // this process and of concurrent runs of this file.
         static FLEETS: AtomicUsize = AtomicUsize::new(0);
-        let fleet_id = FLEETS.fetch_add(1, Ordering::Relaxed) % 3;
+        let fleet_id = FLEETS.fetch_add(1, Ordering::Relaxed);
+        assert!(fleet_id < 4, "at most 4 fleets per test process");
         assert!(count <= 4, "at most 4 hosts per fleet");
-        let base = std::process::id() as usize % 20 * 12 + fleet_id * 4;
+        let base = std::process::id() as usize % 14 * 16 + fleet_id * 4;
         for index in 0..count {
             let tag = format!("{}{fleet_id}{index}", std::process::id() % 10_000);
             let host = fleet.start_host(index, base + index, &tag, &setup);
@@ -248,13 +260,26 @@ impl Fleet {
             ),
         )
         .expect("write sshd_config");
+        // An unprivileged login too: nobody, with a shell, in the host's
+        // own view of /etc/passwd (its mount namespace).
+        let passwd = dir.join("passwd");
+        let users: String = std::fs::read_to_string("/etc/passwd")
+            .expect("read /etc/passwd")
+            .lines()
+            .map(|line| match line.strip_prefix("nobody:") {
+                Some(rest) => {
+                    let fields: Vec<&str> = rest.split(':').collect();
+                    format!("nobody:{}:/bin/sh\n", fields[..fields.len() - 1].join(":"))
+                }
+                None => format!("{line}\n"),
+            })
+            .collect();
+        std::fs::write(&passwd, users).expect("write the host's passwd");
         let mut sshd = Command::new("nsenter");
         sshd.arg(&net)
-            .arg("--")
-            .arg("/usr/sbin/sshd")
-            .arg("-D")
-            .arg("-e")
-            .arg("-f")
+            .args(["--", "unshare", "-m", "--propagation", "private", "--"])
+            .args(["/bin/sh", "-c", SSHD_WITH_PASSWD, "sh"])
+            .arg(&passwd)
             .arg(&config)
             .stderr(std::fs::File::create(dir.join("sshd.log")).expect("create the sshd log"));
         host.sshd = Some(spawn_with_parent(sshd, "sshd"));
@@ -276,10 +301,15 @@ impl Fleet {
     }
 
     fn rmachinectl_command(&self, host: usize, args: &[&str]) -> Command {
+        self.rmachinectl_as("root", host, args)
+    }
+
+    /// `rmachinectl -H USER@HOST ARGS...`.
+    fn rmachinectl_as(&self, user: &str, host: usize, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_rmachinectl"));
         command
             .arg("-H")
-            .arg(self.hosts[host].destination())
+            .arg(format!("{user}@{}", self.hosts[host].address))
             .args(args)
             .env("RMACHINES_SSH", self.ssh())
             .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
@@ -350,7 +380,6 @@ fn keygen(path: &Path) {
 }
 
 fn write_executable(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, text).expect("write a script");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod a script");
 }
@@ -554,9 +583,10 @@ impl Fleet {
         let mut inventory = String::from("[machines]\n");
         for (index, host) in self.hosts.iter().enumerate() {
             inventory.push_str(&format!(
-                "host{index} ansible_host={} rm_config_dir={}\n",
+                "host{index} ansible_host={} rm_config_dir={} rm_site_dir={}\n",
                 host.address,
-                host.harness().config_dir().display()
+                host.harness().config_dir().display(),
+                self.dir.path().join(format!("host{index}/site")).display()
             ));
         }
         inventory.push_str(
@@ -748,4 +778,166 @@ fn ansible_declares_machines_on_two_hosts() {
             run.log()
         );
     }
+}
+
+/// The playbook of docs/many-hosts.md, with this test's paths and hosts.
+fn docs_playbook(root: &Path) -> String {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/many-hosts.md"))
+            .expect("read docs/many-hosts.md");
+    let start = doc
+        .find("<!-- playbook")
+        .expect("the playbook's start marker");
+    let end = doc
+        .find("<!-- /playbook -->")
+        .expect("the playbook's end marker");
+    let block = &doc[start..end];
+    let yaml = block
+        .split_once("```yaml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(yaml, _)| yaml)
+        .expect("a yaml block between the markers");
+    let replaced = yaml
+        .replace("hosts: web\n", "hosts: machines\n")
+        .replace("/var/lib/machines/web", &root.display().to_string())
+        .replace(
+            "dest: /srv/web/index.html",
+            "dest: \"{{ rm_site_dir }}/index.html\"",
+        )
+        .replace("source: /srv/web\n", "source: \"{{ rm_site_dir }}\"\n")
+        .replace("target: /srv/www", "target: /mnt")
+        .replace("-h, /srv/www]", "-h, /mnt]")
+        .replace(
+            "        name: web\n",
+            "        name: web\n        config_dir: \"{{ rm_config_dir }}\"\n",
+        );
+    assert!(
+        replaced.contains("config_dir") && replaced.contains("rm_site_dir"),
+        "the docs' playbook changed shape:\n{yaml}"
+    );
+    replaced
+}
+
+#[test]
+fn docs_playbook_puts_web_on_three_hosts_with_a_published_port() {
+    use std::io::Read;
+    let root = support::fixture("busybox");
+    let fleet = Fleet::start(3, |_, _| {});
+    for index in 0..3 {
+        std::fs::create_dir(fleet.dir.path().join(format!("host{index}/site")))
+            .expect("create the site directory");
+    }
+    let playbook = docs_playbook(&root);
+    let mut runs = Vec::new();
+    for round in ["first", "second"] {
+        let run = fleet.ansible_playbook(&playbook, &[]);
+        println!("--- {round} run ---\n{}", text(&run.output.stdout));
+        run.assert_ok(round);
+        runs.push(run);
+    }
+    for index in 0..3 {
+        let name = format!("host{index}");
+        assert_eq!(runs[0].changed(&name), 2, "first run on {name}");
+        assert_eq!(runs[1].changed(&name), 0, "second run on {name}");
+        // The published port answers on the host's address, from outside.
+        let address = &fleet.hosts[index].address;
+        let mut stream = TcpStream::connect((address.as_str(), 8080))
+            .unwrap_or_else(|error| panic!("connect to {address}:8080: {error}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        stream
+            .write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")
+            .expect("send a request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("read the response");
+        assert!(
+            response.starts_with("HTTP/1.") && response.ends_with(&format!("hello from {name}\n")),
+            "{address}:8080 answered {response:?}"
+        );
+        // What docs/many-hosts.md shows.
+        let out = fleet.rmachinectl(index, &["list"]);
+        assert_ok(&out, "list over -H");
+        println!(
+            "$ rmachinectl -H {} list\n{}$ curl http://{address}:8080/\n{}",
+            fleet.hosts[index].destination(),
+            text(&out.stdout),
+            response.rsplit("\r\n\r\n").next().unwrap_or_default()
+        );
+    }
+}
+
+/// Every byte value, and end of file, through `shell -T` over ssh; the
+/// exit status comes back too.
+#[test]
+#[ignore = "needs `rmachinectl shell -T` (Execute, issue 13, the exec branch): \
+            un-ignore when it is merged"]
+fn shell_dash_t_over_ssh_relays_binary_stdin_exactly() {
+    let root = support::fixture("busybox");
+    let fleet = Fleet::start(1, |_, config| {
+        write_definition(config, "web", &root, NO_NET)
+    });
+    assert_ok(&fleet.rmachinectl(0, &["start", "web"]), "start over -H");
+    let input: Vec<u8> = (0..=255u8).cycle().take(256 * 64).collect();
+    let mut cat = fleet
+        .rmachinectl_command(
+            0,
+            &["shell", "-T", "web", "--", "/bin/sh", "-c", "cat; exit 5"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run rmachinectl shell -T");
+    let mut stdin = cat.stdin.take().expect("stdin");
+    let writer = {
+        let input = input.clone();
+        std::thread::spawn(move || stdin.write_all(&input))
+    };
+    let out = cat.wait_with_output().expect("wait for the shell");
+    writer.join().expect("writer").expect("write stdin");
+    assert_eq!(out.status.code(), Some(5), "{:?}", text(&out.stderr));
+    assert!(
+        out.stdout == input,
+        "{} bytes came back, not the same",
+        out.stdout.len()
+    );
+}
+
+/// `-H` gives the remote user's rights: nobody may list but not start.
+#[test]
+fn h_has_the_remote_users_rights() {
+    let root = support::fixture("busybox");
+    let fleet = Fleet::start(1, |_, config| {
+        write_definition(config, "web", &root, NO_NET)
+    });
+    let nobody = format!("nobody@{}", fleet.hosts[0].address);
+    let out = fleet
+        .rmachinectl_as("nobody", 0, &["list", "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run rmachinectl");
+    assert_ok(&out, "list as nobody");
+    assert_eq!(json(&out)[0]["name"], "web");
+    let out = fleet
+        .rmachinectl_as("nobody", 0, &["start", "web"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run rmachinectl");
+    assert!(!out.status.success(), "nobody started a machine");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("rmachinectl: {nobody}: "))
+            && (stderr.contains("not allowed for uid 65534")
+                || stderr.contains("only allowed to root")),
+        "denied with the host named: {stderr:?}"
+    );
+    assert_eq!(local_state(&fleet.hosts[0], "web"), "stopped");
+    assert!(
+        fleet.sshd_log(0).contains("Accepted publickey for nobody"),
+        "{}",
+        fleet.sshd_log(0)
+    );
 }

@@ -19,12 +19,13 @@ use crate::dbus::proxy::ManagerProxy;
 
 /// Control rmachines machines through rmachined.
 #[derive(Debug, Parser)]
-#[command(name = "rmachinectl", version)]
+#[command(name = "rmachinectl", version, after_long_help = REMOTE_HELP)]
 pub struct Cli {
-    /// Operate on rmachined on a remote host, over ssh (which runs
-    /// systemd-stdio-bridge there); the environment variable RMACHINES_HOST
-    /// does the same. `shell` runs the remote host's rmachinectl through
-    /// ssh. The ssh client is `ssh`, or the program RMACHINES_SSH names.
+    /// Operate on rmachined on a remote host, over ssh (default: $RMACHINES_HOST).
+    ///
+    /// ssh runs systemd-stdio-bridge there; `shell` runs the remote host's
+    /// rmachinectl through ssh. The ssh client is `ssh`, or the program
+    /// RMACHINES_SSH names.
     #[arg(short = 'H', long = "host", value_name = "[USER@]HOST[:PORT]")]
     host: Option<Host>,
     #[command(subcommand)]
@@ -48,6 +49,21 @@ enum Command {
     /// Make rmachined re-read the machine definitions.
     Reload,
 }
+
+/// The "Remote hosts" part of `--help` and rmachinectl(1).
+const REMOTE_HELP: &str = "\
+Remote hosts (-H):
+  rmachinectl -H web1.example.org list
+  rmachinectl -H ops@web2.example.org:2222 start web
+  RMACHINES_HOST=web3.example.org rmachinectl status web --json
+  rmachinectl -H web1.example.org shell web -- sh -c 'exit 3'
+
+rmachinectl runs `ssh -x -T [-p PORT] [USER@]HOST` and, there, \
+systemd-stdio-bridge to the system bus (DBUS_SYSTEM_BUS_ADDRESS when the \
+remote login sets it), and speaks D-Bus over the pipe: rmachined and polkit \
+see the remote user. `shell` runs the remote rmachinectl through ssh (ssh -tt \
+for a terminal, ssh -T for pipes) and exits with the command's status. \
+Errors name the host. RMACHINES_SSH names another ssh program or wrapper.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
