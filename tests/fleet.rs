@@ -494,6 +494,26 @@ fn rmachinectl_h_drives_two_hosts() {
         assert_ok(&out, "piped shell over -H");
         assert_eq!(text(&out.stdout), "through ssh\nand back\nweb\n");
 
+        // On a terminal (script(1) gives one): ssh -tt, and the remote
+        // rmachinectl relays a pty of the machine's.
+        let command_line = format!(
+            "{} -H {dest} shell web -- /bin/sh -c 'tty; exit 4'",
+            env!("CARGO_BIN_EXE_rmachinectl")
+        );
+        let out = Command::new("script")
+            .args(["-qec", &command_line, "/dev/null"])
+            .env("RMACHINES_SSH", fleet.ssh())
+            .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run script");
+        assert_eq!(out.status.code(), Some(4), "shell on a terminal: {out:?}");
+        assert!(
+            text(&out.stdout).contains("/dev/pts/"),
+            "the command had a terminal: {:?}",
+            text(&out.stdout)
+        );
+
         // Errors name the host and carry rmachined's sentence.
         let out = fleet.rmachinectl(index, &["start", "web"]);
         assert!(!out.status.success());
