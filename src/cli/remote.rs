@@ -9,10 +9,11 @@
 //! and polkit checks, the remote user, exactly as for a local call there.
 //!
 //! Descriptors cannot cross ssh, so the verbs that pass a pty or the
-//! caller's stdio to rmachined (`shell`, and `logs`) run the remote host's
-//! own rmachinectl through ssh instead: `ssh -t` for a terminal (the remote
-//! rmachinectl relays its pty), `ssh -T` for pipes (bytes and end of file
-//! pass unchanged; ssh exits with the remote command's status).
+//! caller's stdio to rmachined (`shell`; `logs -f` belongs here too) run
+//! the remote host's own rmachinectl through ssh instead: `ssh -tt` for a
+//! terminal (the remote rmachinectl relays its pty), `ssh -T` for pipes
+//! (bytes and end of file pass unchanged; ssh exits with the remote
+//! command's status).
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
