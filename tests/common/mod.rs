@@ -62,6 +62,7 @@ pub struct Harness {
     notifications: Vec<String>,
     network_args: Vec<String>,
     shared_root: bool,
+    wrapper: Vec<String>,
 }
 
 impl Harness {
@@ -87,7 +88,23 @@ impl Harness {
         Self::start_inner(install, setup, false)
     }
 
+    /// A bus and a daemon started through `wrapper` (a command that execs
+    /// its arguments in place, e.g. `nsenter --net=...`): a test host of
+    /// its own (tests/fleet.rs).
+    pub fn start_wrapped(wrapper: Vec<String>, setup: impl FnOnce(&Path)) -> Self {
+        Self::start_full(Install::built(), setup, false, wrapper)
+    }
+
     fn start_inner(install: Install, setup: impl FnOnce(&Path), shared_root: bool) -> Self {
+        Self::start_full(install, setup, shared_root, Vec::new())
+    }
+
+    fn start_full(
+        install: Install,
+        setup: impl FnOnce(&Path),
+        shared_root: bool,
+        wrapper: Vec<String>,
+    ) -> Self {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("rmachines-test-")
@@ -141,6 +158,7 @@ impl Harness {
             notifications: Vec::new(),
             network_args: test_network_args(),
             shared_root,
+            wrapper,
         };
         harness.spawn_daemon();
         harness
@@ -163,6 +181,11 @@ impl Harness {
                 .args(["--mount", "--propagation", "shared", "--"])
                 .arg(&self.install.rmachined);
             unshare
+        } else if let Some((program, args)) = self.wrapper.split_first() {
+            // The wrapper execs rmachined in place: the pid stays the daemon's.
+            let mut wrapped = Command::new(program);
+            wrapped.args(args).arg(&self.install.rmachined);
+            wrapped
         } else {
             Command::new(&self.install.rmachined)
         };
