@@ -26,7 +26,7 @@ cleanup() {
 }
 trap cleanup EXIT
 echo $$ >"$own/cgroup.procs"
-unshare -n -m -C --propagation "$propagation" -- bash -c '
+unshare -n -m -C --propagation private -- bash -c '
 	set -e
 	# A sysfs of the new network namespace (/sys/class/net), keeping the
 	# cgroup mounts below it.
@@ -38,6 +38,8 @@ unshare -n -m -C --propagation "$propagation" -- bash -c '
 	umount -l "$1"
 	mount -t cgroup2 cgroup2 "$1"
 	ip link set lo up
-	shift
+	# Shared last: a mount below a shared one cannot be moved.
+	if [ "$2" = shared ]; then mount --make-rshared /; fi
+	shift 2
 	exec "$@"
-' isolated "$cg2" "$@"
+' isolated "$cg2" "$propagation" "$@"
