@@ -790,6 +790,14 @@ impl Manager {
         }
     }
 
+    /// How many machines have a supervisor (starting, running or stopping).
+    pub fn active_count(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|e| e.supervisor.is_some())
+            .count()
+    }
+
     /// How many machines are running (for the daemon's status line).
     pub fn running_count(&self) -> usize {
         self.lock()
