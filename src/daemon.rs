@@ -116,6 +116,18 @@ pub async fn run_with(config: ManagerConfig, options: RunOptions) -> Result<(), 
         .build()
         .await
         .map_err(DaemonError::Connect)?;
+    // Before any start (autostart, a call): on a systemd host machines run
+    // in scopes and are registered with machined.
+    match crate::systemd::Host::detect(&connection).await {
+        Some(host) => {
+            tracing::info!(
+                "systemd is PID 1: machines run in scopes in {} and are registered with systemd-machined",
+                crate::systemd::SLICE
+            );
+            manager.use_systemd(host).await;
+        }
+        None => tracing::debug!("systemd is not PID 1: machines run in rmachined's own cgroups"),
+    }
     dbus::serve(&connection, manager.clone())
         .await
         .map_err(DaemonError::Serve)?;

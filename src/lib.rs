@@ -6,6 +6,7 @@
 //! - [`network`], bridge, veth, addresses and nftables rules for private networking.
 //! - [`manager`], machine state and supervision for the daemon.
 //! - [`dbus`], the `org.rmachines1` bus face; no container logic.
+//! - [`systemd`], scopes and machined registration on a systemd host.
 //! - [`daemon`], rmachined's orchestration (bus, sd-notify, signals).
 //! - [`cli`], `rmachinectl`.
 
@@ -17,3 +18,4 @@ pub mod manager;
 pub mod network;
 pub mod runtime;
 pub mod statefile;
+pub mod systemd;

@@ -112,6 +112,8 @@ struct Inner {
     machines: Mutex<BTreeMap<String, Entry>>,
     events: broadcast::Sender<Event>,
     next_session: AtomicU32,
+    /// The host's systemd, when PID 1 is systemd (see [`Manager::use_systemd`]).
+    systemd: std::sync::OnceLock<crate::systemd::Host>,
 }
 
 struct Entry {
@@ -121,6 +123,10 @@ struct Entry {
     supervisor: Option<SupervisorLink>,
     /// The plan the running machine was started with.
     plan: Option<MachinePlan>,
+    /// The leader machined knows this machine by (0: not registered).
+    registered: u32,
+    /// The leader the last registration attempt was for (0: none).
+    registration_for: u32,
 }
 
 #[derive(Clone)]
@@ -176,6 +182,7 @@ impl Manager {
                 machines: Mutex::new(BTreeMap::new()),
                 events,
                 next_session: AtomicU32::new(1),
+                systemd: std::sync::OnceLock::new(),
             }),
         };
         manager.reload().await?;
@@ -263,7 +270,8 @@ impl Manager {
                         Ok(Some(line)) => match serde_json::from_str::<Status>(&line) {
                             Ok(st) => {
                                 manager.apply_status(&name, &st);
-                                let _ = status_tx.send(Some(st));
+                                let _ = status_tx.send(Some(st.clone()));
+                                manager.sync_registration(&name, &st).await;
                             }
                             Err(err) => tracing::warn!(machine = %name, %err, "bad status from supervisor"),
                         },
@@ -296,6 +304,7 @@ impl Manager {
                 );
             }
             last.leader = 0;
+            manager.sync_registration(&name, &last).await;
             if let Some(entry) = manager.lock().get_mut(&name) {
                 entry.supervisor = None;
                 entry.plan = None;
@@ -448,8 +457,11 @@ impl Manager {
             name: name.to_owned(),
             message,
         };
-        let plan = tokio::task::spawn_blocking(
-            move || -> Result<(MachinePlan, std::os::unix::net::UnixStream), String> {
+        let systemd = self.inner.systemd.get().cloned();
+        let held = systemd.is_some();
+        let stop_timeout = definition.stop_timeout;
+        let (plan, launched) = tokio::task::spawn_blocking(
+            move || -> Result<(MachinePlan, supervisor::Launched), String> {
                 let ids = idrange::assign_range(
                     &config.storage_dir,
                     &owned_name,
@@ -469,19 +481,27 @@ impl Manager {
                 };
                 // A machine root without init fails here with a clear sentence.
                 runtime::container::inspect_init(&plan).map_err(|e| e.to_string())?;
-                let mut launched = supervisor::launch(&helper, &plan).map_err(|e| e.to_string())?;
-                let _ = launched.child.wait();
-                launched
-                    .control
-                    .set_nonblocking(true)
-                    .map_err(|e| e.to_string())?;
-                Ok((plan, launched.control))
+                let launched = if held {
+                    supervisor::launch_held(&helper, &plan)
+                } else {
+                    supervisor::launch(&helper, &plan)
+                };
+                Ok((plan, launched.map_err(|e| e.to_string())?))
             },
         )
         .await
         .map_err(|e| failed(e.to_string()))?
         .map_err(failed)?;
-        let (plan, control) = plan;
+        let (plan, control) = match systemd {
+            Some(host) => self
+                .enter_scope(&host, name, plan, launched, stop_timeout)
+                .await
+                .map_err(failed)?,
+            None => tokio::task::spawn_blocking(move || finish_launch(plan, launched))
+                .await
+                .map_err(|e| failed(e.to_string()))?
+                .map_err(failed)?,
+        };
         let stream = UnixStream::from_std(control)
             .map_err(|e| failed(format!("connecting to the supervisor: {e}")))?;
         // The plan goes in first so the first status already shows the addresses.
@@ -494,6 +514,48 @@ impl Manager {
             entry.supervisor = Some(link);
         }
         Ok(status)
+    }
+
+    /// On a systemd host: puts the held supervisor in the machine's new
+    /// scope (in the scope's `supervisor` cgroup), plans the machine's
+    /// cgroup below the scope, and releases the supervisor.
+    async fn enter_scope(
+        &self,
+        host: &crate::systemd::Host,
+        name: &str,
+        mut plan: MachinePlan,
+        mut launched: supervisor::Launched,
+        stop_timeout: std::time::Duration,
+    ) -> Result<(MachinePlan, std::os::unix::net::UnixStream), String> {
+        let pid = launched.child.id();
+        let scope = match host.start_scope(name, pid, stop_timeout).await {
+            Ok(scope) => scope,
+            Err(err) => {
+                // Unreleased, the held process exits at once.
+                drop(launched.hold.take());
+                let _ = tokio::task::spawn_blocking(move || launched.child.wait()).await;
+                return Err(format!("creating its scope unit: {err}"));
+            }
+        };
+        tracing::info!(machine = name, unit = %scope.unit, cgroup = %scope.cgroup.display(), "machine scope started");
+        plan.cgroup = crate::systemd::payload_cgroup(&scope.cgroup);
+        tokio::task::spawn_blocking(move || {
+            let supervisor_cgroup = crate::systemd::supervisor_cgroup(&scope.cgroup);
+            crate::systemd::move_into(&supervisor_cgroup, pid).map_err(|e| {
+                format!(
+                    "moving the supervisor into {}: {e}",
+                    supervisor_cgroup.display()
+                )
+            })?;
+            let plan_file = plan.machine_dir.join(paths::PLAN);
+            let data = serde_json::to_vec_pretty(&plan).map_err(|e| e.to_string())?;
+            crate::statefile::write_atomic(&plan_file, &data)
+                .map_err(|e| format!("{} {}: {}", e.action, e.path.display(), e.source))?;
+            launched.release().map_err(|e| e.to_string())?;
+            finish_launch(plan, launched)
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// Graceful stop, SIGKILL after the stop timeout; returns once stopped.
@@ -691,6 +753,8 @@ impl Manager {
                                 definition,
                                 supervisor: None,
                                 plan: None,
+                                registered: 0,
+                                registration_for: 0,
                             },
                         );
                     }
@@ -790,6 +854,101 @@ impl Manager {
         }
     }
 
+    /// Uses the host's systemd from now on: machines start in scopes and
+    /// are registered with machined; running (re-adopted) machines are
+    /// registered now if they are not yet.
+    pub async fn use_systemd(&self, host: crate::systemd::Host) {
+        if self.inner.systemd.set(host).is_err() {
+            return;
+        }
+        let running: Vec<(String, MachineState, u32)> = self
+            .lock()
+            .values()
+            .filter(|e| e.supervisor.is_some())
+            .map(|e| (e.info.name.clone(), e.info.state, e.info.leader))
+            .collect();
+        for (name, state, leader) in running {
+            let status = Status {
+                state,
+                leader,
+                supervisor: 0,
+                since: 0,
+                error: String::new(),
+                boots: 0,
+            };
+            self.sync_registration(&name, &status).await;
+        }
+    }
+
+    /// Keeps machined's record of `name` in line with its supervisor's
+    /// `status`: registered with the current leader while it is active,
+    /// unregistered when it stops. Failures are warnings: machined is not
+    /// needed for a machine to run.
+    async fn sync_registration(&self, name: &str, status: &Status) {
+        let Some(host) = self.inner.systemd.get() else {
+            return;
+        };
+        let wanted = if status.state.is_active() {
+            status.leader
+        } else {
+            0
+        };
+        let (registered, plan) = {
+            let mut machines = self.lock();
+            let Some(entry) = machines.get_mut(name) else {
+                return;
+            };
+            if entry.registration_for == wanted {
+                return;
+            }
+            entry.registration_for = wanted;
+            (entry.registered, entry.plan.clone())
+        };
+        if registered != 0 {
+            match host.unregister(name).await {
+                Ok(()) => tracing::debug!(machine = name, "unregistered from machined"),
+                Err(err) => tracing::warn!(machine = name, %err, "cannot unregister from machined"),
+            }
+        }
+        let mut now = 0;
+        if let (Some(plan), true) = (plan, wanted != 0) {
+            let registration = {
+                let name = name.to_owned();
+                tokio::task::spawn_blocking(move || registration(&name, &plan, wanted)).await
+            };
+            let outcome = match registration {
+                Ok(registration) => host.register(&registration).await,
+                Err(err) => {
+                    tracing::warn!(machine = name, %err, "cannot register with machined");
+                    return;
+                }
+            };
+            match outcome {
+                Ok(crate::systemd::Registered::Yes) => {
+                    tracing::info!(machine = name, leader = wanted, "registered with machined");
+                    now = wanted;
+                }
+                Ok(crate::systemd::Registered::Already) => now = wanted,
+                Ok(crate::systemd::Registered::Clash(why)) => tracing::warn!(
+                    machine = name,
+                    "not registered with machined: {why}; the machine runs anyway"
+                ),
+                Ok(crate::systemd::Registered::NoMachined) => tracing::debug!(
+                    machine = name,
+                    "systemd-machined is not on the bus; not registered"
+                ),
+                Err(err) => tracing::warn!(
+                    machine = name,
+                    %err,
+                    "cannot register with machined; the machine runs anyway"
+                ),
+            }
+        }
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.registered = now;
+        }
+    }
+
     /// How many machines have a supervisor (starting, running or stopping).
     pub fn active_count(&self) -> usize {
         self.lock()
@@ -804,6 +963,38 @@ impl Manager {
             .values()
             .filter(|e| e.info.state == MachineState::Running)
             .count()
+    }
+}
+
+/// Reaps the launcher (it exits as soon as the supervisor forked away) and
+/// readies the control connection for tokio.
+fn finish_launch(
+    plan: MachinePlan,
+    mut launched: supervisor::Launched,
+) -> Result<(MachinePlan, std::os::unix::net::UnixStream), String> {
+    let _ = launched.child.wait();
+    launched
+        .control
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    Ok((plan, launched.control))
+}
+
+/// What machined is told about a machine with `leader` as init.
+fn registration(name: &str, plan: &MachinePlan, leader: u32) -> crate::systemd::Registration {
+    let id =
+        crate::systemd::machine_id_bytes(&runtime::container::machine_id(plan)).unwrap_or_default();
+    let ifindex = plan.network.as_ref().and_then(|net| {
+        nix::net::if_::if_nametoindex(net.host_veth.as_str())
+            .ok()
+            .and_then(|index| i32::try_from(index).ok())
+    });
+    crate::systemd::Registration {
+        name: name.to_owned(),
+        id,
+        leader,
+        root: plan.definition.root.display().to_string(),
+        ifindex,
     }
 }
 

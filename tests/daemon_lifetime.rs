@@ -206,3 +206,102 @@ fn sigterm_to_a_supervisor_stops_its_machine_gracefully() {
         "the supervisor did not exit"
     );
 }
+
+/// The scope layout without systemd: what the daemon does with a held
+/// supervisor on a systemd host (crate::systemd), here with a plain
+/// directory standing in for the scope's cgroup. The supervisor must run in
+/// `<scope>/supervisor` and init in `<scope>/payload`, the cgroup written
+/// into the plan after the launch.
+#[test]
+fn a_held_supervisor_boots_below_the_scope_it_was_moved_into() {
+    use rmachines::runtime::{self, cgroup, protocol, supervisor};
+    use rmachines::systemd;
+    support::require_root();
+    let state = tempfile::tempdir().unwrap();
+    let def = support::definition("held", &support::fixture("busybox"));
+    let mut plan = runtime::MachinePlan {
+        ids: runtime::idrange::IdRange {
+            base: 0x4000_0000 + 4099 * 65536,
+            size: 65536,
+        },
+        machine_dir: runtime::machine_dir(state.path(), "held"),
+        cgroup: cgroup::machine_cgroup_path("test-held-unused").unwrap(),
+        network: None,
+        definition: def,
+    };
+    let scope = cgroup::cgroup2_mount()
+        .unwrap()
+        .join(format!("rmachines-test-scope-{}", std::process::id()));
+    std::fs::create_dir_all(&scope).unwrap();
+    let mut launched = supervisor::launch_held(support::helper_binary(), &plan).unwrap();
+    let pid = launched.child.id();
+    systemd::move_into(&systemd::supervisor_cgroup(&scope), pid).unwrap();
+    plan.cgroup = systemd::payload_cgroup(&scope);
+    rmachines::statefile::write_atomic(
+        &plan.machine_dir.join("plan.json"),
+        &serde_json::to_vec(&plan).unwrap(),
+    )
+    .unwrap();
+    launched.release().unwrap();
+    let _ = launched.child.wait();
+    let mut client = protocol::Client::from_stream(launched.control).unwrap();
+    let running = client
+        .wait_for(Duration::from_secs(30), |s| {
+            s.state == protocol::MachineState::Running
+        })
+        .unwrap()
+        .expect("the released supervisor booted");
+    let cgroup_of = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let scope_name = scope.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        cgroup_of(running.supervisor).ends_with(&format!("/{scope_name}/supervisor\n")),
+        "supervisor in {}",
+        cgroup_of(running.supervisor)
+    );
+    let procs = std::fs::read_to_string(plan.cgroup.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|p| p == running.leader.to_string()),
+        "init {} not in {}: {procs:?}",
+        running.leader,
+        plan.cgroup.display()
+    );
+    client.send(protocol::Command::Stop).unwrap();
+    let end = client.wait_for(Duration::from_secs(30), |s| !s.state.is_active());
+    assert!(
+        matches!(&end, Ok(Some(s)) if s.state == protocol::MachineState::Stopped),
+        "{end:?}"
+    );
+    // The supervisor removed the payload cgroup; the stand-in scope is ours.
+    assert!(wait_dead(
+        running.supervisor as u64,
+        Duration::from_secs(10)
+    ));
+    assert!(!plan.cgroup.exists(), "payload cgroup left");
+    std::fs::remove_dir(systemd::supervisor_cgroup(&scope)).unwrap();
+    std::fs::remove_dir(&scope).unwrap();
+}
+
+/// A held supervisor that is never released (the scope could not be made)
+/// exits without booting anything.
+#[test]
+fn an_unreleased_supervisor_exits_without_booting() {
+    use rmachines::runtime::{self, cgroup, supervisor};
+    support::require_root();
+    let state = tempfile::tempdir().unwrap();
+    let plan = runtime::MachinePlan {
+        ids: runtime::idrange::IdRange {
+            base: 0x4000_0000 + 4098 * 65536,
+            size: 65536,
+        },
+        machine_dir: runtime::machine_dir(state.path(), "unreleased"),
+        cgroup: cgroup::machine_cgroup_path("test-unreleased").unwrap(),
+        network: None,
+        definition: support::definition("unreleased", &support::fixture("busybox")),
+    };
+    let mut launched = supervisor::launch_held(support::helper_binary(), &plan).unwrap();
+    drop(launched.hold.take());
+    let status = launched.child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    assert!(!plan.machine_dir.join("state.json").exists());
+    assert!(!plan.cgroup.exists());
+}

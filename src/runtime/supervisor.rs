@@ -34,6 +34,10 @@ use crate::definition::RestartPolicy;
 
 /// The control socket is handed to the supervisor as this descriptor.
 const LISTEN_FD: i32 = 3;
+/// A held supervisor (see [`launch_held`]) waits on this pipe.
+const HOLD_FD: i32 = 4;
+/// The argument after the machine directory that says so.
+const HELD_ARG: &str = "--held";
 /// How often a stop signal is re-checked until init has a handler for it.
 const STOP_TICK: Duration = Duration::from_millis(50);
 /// How often the stop signal is re-sent to an init that shows no handler.
@@ -49,11 +53,37 @@ const RESTART_WINDOW: Duration = Duration::from_secs(10);
 pub struct Launched {
     pub child: Child,
     pub control: UnixStream,
+    /// The write end a held supervisor waits on; see [`Launched::release`].
+    pub hold: Option<File>,
+}
+
+impl Launched {
+    /// Lets a held supervisor go on: it reads its plan (as it is on disk
+    /// now) and boots. Dropping an unreleased `Launched` makes it exit.
+    pub fn release(&mut self) -> Result<(), RuntimeError> {
+        if let Some(mut hold) = self.hold.take() {
+            hold.write_all(b"1")
+                .map_err(RuntimeError::io("releasing the held supervisor"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Writes the plan, binds the control socket and starts
 /// `helper __supervise <machine-dir>` in a session of its own.
 pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeError> {
+    launch_inner(helper, plan, false)
+}
+
+/// Like [`launch`], but the process waits, before it reads its plan or
+/// forks, until [`Launched::release`]: time for the daemon to put it in a
+/// scope unit and rewrite the plan (see `crate::systemd`). `child.id()` is
+/// the process to move.
+pub fn launch_held(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeError> {
+    launch_inner(helper, plan, true)
+}
+
+fn launch_inner(helper: &Path, plan: &MachinePlan, held: bool) -> Result<Launched, RuntimeError> {
     let dir = &plan.machine_dir;
     fs::create_dir_all(dir).map_err(RuntimeError::io(format!("creating {}", dir.display())))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
@@ -82,10 +112,20 @@ pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeErro
         .map_err(RuntimeError::io("opening the supervisor log"))?;
     let log_err = log.try_clone().map_err(RuntimeError::io("dup log"))?;
     let listen_raw = listener.as_raw_fd();
+    let (hold_read, hold_write) = if held {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| RuntimeError::io("creating the hold pipe")(e.into()))?;
+        (Some(read), Some(File::from(write)))
+    } else {
+        (None, None)
+    };
+    let hold_raw = hold_read.as_ref().map(|fd| fd.as_raw_fd());
     let mut command = ProcessCommand::new(helper);
+    command.arg("__supervise").arg(dir);
+    if held {
+        command.arg(HELD_ARG);
+    }
     command
-        .arg("__supervise")
-        .arg(dir)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
@@ -99,11 +139,27 @@ pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeErro
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
+            // Out of the way of LISTEN_FD first (a close-on-exec copy).
+            let hold_high = match hold_raw {
+                Some(raw) => {
+                    let high = libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 10);
+                    if high < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Some(high)
+                }
+                None => None,
+            };
             if listen_raw == LISTEN_FD {
                 let flags = libc::fcntl(LISTEN_FD, libc::F_GETFD);
                 libc::fcntl(LISTEN_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
             } else if libc::dup2(listen_raw, LISTEN_FD) < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if let Some(high) = hold_high {
+                if libc::dup2(high, HOLD_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -113,10 +169,28 @@ pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeErro
         helper.display()
     )))?;
     drop(listener);
+    drop(hold_read);
     Ok(Launched {
         child,
         control: client,
+        hold: hold_write,
     })
+}
+
+/// A held supervisor waits for the daemon's go: one byte on [`HOLD_FD`].
+/// End of file (the daemon gave up this start) means exit.
+fn wait_until_released() -> bool {
+    // SAFETY: HOLD_FD was handed to us by `launch_held`; we own it now.
+    let mut hold = unsafe { File::from_raw_fd(HOLD_FD) };
+    let mut byte = [0u8; 1];
+    loop {
+        match hold.read(&mut byte) {
+            Ok(1) => return true,
+            Ok(_) => return false,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RuntimeError> {
@@ -129,7 +203,15 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RuntimeError> {
 /// directory, the root mount point and the stale control socket. Called for
 /// machines no live supervisor answers for.
 pub fn remove_leftovers(machine_dir: &Path, name: &str) {
-    if let Ok(cgroup) = cgroup::machine_cgroup_path(name) {
+    // The planned cgroup (below a scope on a systemd host), and rmachined's own.
+    let planned = fs::read(machine_dir.join(paths::PLAN))
+        .ok()
+        .and_then(|data| serde_json::from_slice::<MachinePlan>(&data).ok())
+        .map(|plan| plan.cgroup);
+    for cgroup in planned
+        .into_iter()
+        .chain(cgroup::machine_cgroup_path(name).ok())
+    {
         if cgroup.exists() {
             tracing::info!(machine = name, cgroup = %cgroup.display(), "removing a dead supervisor's cgroup");
             if let Err(err) = cgroup::remove_machine_cgroup(&cgroup, Duration::from_secs(5)) {
@@ -155,6 +237,10 @@ pub fn main(args: &[String]) -> i32 {
         return 2;
     };
     let dir = PathBuf::from(dir);
+    if args.get(1).map(String::as_str) == Some(HELD_ARG) && !wait_until_released() {
+        eprintln!("rmachined supervisor: the daemon did not release this start; exiting");
+        return 1;
+    }
     let _ = tracing_subscriber::fmt()
         .with_writer(io::stderr)
         .with_ansi(false)
@@ -243,6 +329,9 @@ impl Supervisor {
             Signal::SIGINT,
             Signal::SIGHUP,
             Signal::SIGPIPE,
+            // The stop of the machine's scope (crate::systemd); blocking it
+            // does not keep it from continuing a stopped process.
+            Signal::SIGCONT,
         ] {
             mask.add(sig);
         }
@@ -560,6 +649,13 @@ impl Supervisor {
         while let Ok(Some(info)) = self.signals.read_signal() {
             match info.ssi_signo as i32 {
                 libc::SIGTERM | libc::SIGINT => self.stop_requested = true,
+                signal if crate::systemd::is_scope_stop(signal, info.ssi_pid) => {
+                    tracing::info!(
+                        machine = self.plan.name(),
+                        "the machine's scope is stopping"
+                    );
+                    self.stop_requested = true;
+                }
                 _ => {}
             }
         }
