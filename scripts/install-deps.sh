@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages rmachines' build and tests need (Debian 12).
 set -euo pipefail
-packages=(busybox-static mmdebstrap dbus iproute2 nftables systemd-container uidmap util-linux procps rpm)
+# qemu-system-x86, qemu-utils, e2fsprogs: the VM test bed (scripts/vm/run.sh).
+packages=(busybox-static mmdebstrap dbus iproute2 nftables systemd-container uidmap util-linux procps rpm
+	qemu-system-x86 qemu-utils e2fsprogs)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

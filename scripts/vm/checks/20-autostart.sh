@@ -1,0 +1,13 @@
+# `autostart = true` machines (busybox with private networking, Debian with
+# systemd) are running after the VM booted, with no command from anyone.
+# boots: 1 2
+# timeout: 240
+. /mnt/rmvm/guest/lib.sh
+echo "--- rmachined's journal of this boot"
+journalctl -b --no-pager -o short-monotonic -u rmachined | head -n 40
+wait_state bb running 200
+wait_state debian running 200
+show rmachinectl list
+show rmachinectl status bb
+# Private networking: the busybox machine has host0 with an address.
+show rmachinectl shell bb -- ip -4 addr show host0 | grep -q 'inet ' || fail "bb has no address on host0"

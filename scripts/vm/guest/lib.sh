@@ -1,0 +1,56 @@
+# Sourced by every check. Evidence is what a check prints: show the command
+# and what it said, then decide.
+set -euo pipefail
+
+# Shows a command and its output; returns its status.
+show() {
+	echo "\$ $*"
+	"$@" 2>&1
+}
+
+fail() {
+	echo "FAIL: $*"
+	exit 1
+}
+
+# The STATE column of `rmachinectl list` for machine $1.
+state_of() {
+	rmachinectl list | awk -v m="$1" '$1 == m { print $2 }'
+}
+
+# The LEADER column of `rmachinectl list` for machine $1.
+leader_of() {
+	rmachinectl list | awk -v m="$1" '$1 == m { print $3 }'
+}
+
+# Waits up to $3 seconds for machine $1 to be in state $2.
+wait_state() {
+	local deadline=$(($(date +%s) + $3))
+	command -v rmachinectl >/dev/null || fail "rmachinectl is not installed"
+	while [ "$(state_of "$1")" != "$2" ]; do
+		if systemctl is-failed --quiet rmachined.service; then
+			show systemctl status rmachined.service || true
+			fail "rmachined.service failed while waiting for $1 to be $2"
+		fi
+		if [ "$(date +%s)" -ge "$deadline" ]; then
+			show rmachinectl status "$1" || true
+			fail "$1 is not $2 after $3 s (it is $(state_of "$1"))"
+		fi
+		sleep 1
+	done
+	echo "$1 is $2 (leader $(leader_of "$1"))"
+}
+
+# Mounts in this (the host's) mount namespace at or below the machine roots
+# or rmachines' runtime directory, one per line; nothing when clean.
+machine_mounts() {
+	findmnt -rn -o TARGET | grep -E '^/var/lib/machines(/|$)|^/run/rmachines(/|$)' || true
+}
+
+assert_no_machine_mounts() {
+	local left
+	left=$(machine_mounts)
+	echo "\$ findmnt (targets under /var/lib/machines, /run/rmachines) after $1:"
+	echo "${left:-(none)}"
+	[ -z "$left" ] || fail "mounts of machines are visible in the host's mount namespace after $1"
+}
