@@ -298,6 +298,26 @@ mod tests {
 
 /// The rmachines system service: boots and supervises machines and serves
 /// org.rmachines1 on the system bus.
+///
+/// Each machine has a supervisor process of its own, which outlives the
+/// daemon. On SIGTERM or SIGINT rmachined exits at once and leaves every
+/// machine running; the next rmachined re-adopts them (same init, same
+/// addresses). So `systemctl restart rmachined`, a package upgrade and a
+/// crash never stop a machine, and `systemctl stop rmachined` stops only the
+/// daemon: its machines keep running, without D-Bus API or autostart, until
+/// it starts again. To stop machines, use `rmachinectl stop NAME` (or
+/// `systemctl stop rmachine@NAME` / `machine-NAME.scope`) first, or run
+/// the daemon with --stop-machines-on-exit.
+///
+/// When systemd is PID 1, each machine runs in its own delegated scope
+/// unit machine-NAME.scope in machine.slice and is registered with
+/// systemd-machined (class container, service rmachines), so `machinectl
+/// list` and `systemctl status machine-NAME.scope` show it. Stopping the
+/// scope stops the machine gracefully (its stop signal, then its
+/// stop_timeout); the host's shutdown stops every machine so, before
+/// rmachined. Without systemd (or machined), machines run in rmachined's
+/// own cgroups; a supervisor that gets SIGTERM (sysvinit's killall5 at
+/// shutdown) stops its machine gracefully.
 #[derive(Debug, clap::Parser)]
 #[command(name = "rmachined", version)]
 pub struct Args {

@@ -39,3 +39,16 @@ fi
 if systemctl is-active --quiet machine-pk.scope; then
 	fail "machine-pk.scope is still active after the stop"
 fi
+# Stopping the scope is a graceful stop of the machine: its supervisor is
+# asked (SIGCONT from PID 1), the init gets its stop signal, no SIGKILL.
+show rmachinectl start pk
+wait_state pk running 60
+show systemctl stop machine-pk.scope
+wait_state pk stopped 60
+log=/run/rmachines/machines/pk/supervisor.log
+grep -E "scope is stopping|stop signal|init exited|SIGKILL" "$log" | tail -n 5
+grep -q "the machine's scope is stopping" "$log" || fail "pk: the scope's stop did not reach the supervisor"
+grep 'init exited' "$log" | tail -n1 | grep -q 'killed=false' || fail "pk: init did not exit by itself"
+if grep -q 'sending SIGKILL' "$log"; then
+	fail "pk: SIGKILL after a scope stop"
+fi
