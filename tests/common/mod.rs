@@ -8,7 +8,9 @@
 //! tests of "nothing is left after the daemon" expect. A harness from
 //! [`Harness::start_keeping_machines`] runs it as a host does (machines
 //! outlive the daemon); its drop stops what is left through the
-//! supervisors' control sockets.
+//! supervisors' control sockets (a test process killed outright runs no
+//! drop: its machines then stay until the next daemon on that state
+//! directory, or `rmachinectl stop`).
 
 #![allow(dead_code)] // each test binary uses its own subset
 
