@@ -339,7 +339,7 @@ pub struct Args {
     /// The machines' IPv6 subnet (ULA), or "none".
     #[arg(long, default_value = "fd6d:6163:6869:6e65::/64")]
     pub ipv6_subnet: String,
-    /// The nftables table (family inet) that holds all of rmachined's rules.
+    /// The nftables tables (families inet and bridge) that hold all of rmachined's rules.
     #[arg(long, default_value = "rmachines")]
     pub nft_table: String,
     /// On SIGTERM/SIGINT, stop every machine before exiting. Without it the

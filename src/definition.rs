@@ -80,6 +80,25 @@ pub struct Network {
     pub ports: Vec<PortSpec>,
     /// Empty: the bridge rmachined manages.
     pub bridge: String,
+    /// What the machine may reach (docs/networking.md).
+    pub reach: Reach,
+    /// No traffic to or from the other machines (except published ports).
+    pub isolated: bool,
+}
+
+/// What a private machine may reach through the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Reach {
+    /// Everything the host routes to, the host's services and the other
+    /// machines (the host's loopback never).
+    #[default]
+    All,
+    /// Networks outside the host only: not the host's own addresses
+    /// (ICMP aside), not the other machines.
+    Outside,
+    /// Nothing: the machine opens no connection; only its published
+    /// ports are reachable.
+    Nothing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +186,18 @@ impl NetworkMode {
     }
 }
 
+impl Reach {
+    pub const ALL: [Reach; 3] = [Reach::All, Reach::Outside, Reach::Nothing];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reach::All => "all",
+            Reach::Outside => "outside",
+            Reach::Nothing => "nothing",
+        }
+    }
+}
+
 impl Protocol {
     pub const ALL: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
 
@@ -211,6 +242,7 @@ word_enum_strings!(RestartPolicy, "restart policy");
 word_enum_strings!(NotifyReady, "notify_ready setting");
 word_enum_strings!(NetworkMode, "network mode");
 word_enum_strings!(Protocol, "protocol");
+word_enum_strings!(Reach, "network reach");
 
 impl fmt::Display for StopSignal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -518,6 +550,8 @@ struct RawNetwork {
     nat: Option<bool>,
     ports: Option<Vec<Spanned<String>>>,
     bridge: Option<Spanned<String>>,
+    reach: Option<Spanned<String>>,
+    isolated: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -1090,13 +1124,44 @@ fn parse_network(src: &Source<'_>, raw: Option<&RawNetwork>) -> Result<Network, 
         }
         None => String::new(),
     };
+    let (reach, isolated) = parse_isolation(src, raw, mode)?;
     Ok(Network {
         mode,
         address,
         nat: raw.and_then(|r| r.nat).unwrap_or(true),
         ports,
         bridge,
+        reach,
+        isolated,
     })
+}
+
+/// `network.reach` and `network.isolated`: only for private machines.
+fn parse_isolation(
+    src: &Source<'_>,
+    raw: Option<&RawNetwork>,
+    mode: NetworkMode,
+) -> Result<(Reach, bool), DefinitionError> {
+    let reach_raw = raw.and_then(|r| r.reach.as_ref());
+    let reach = parse_word(src, reach_raw, "network.reach", Reach::All)?;
+    let isolated_raw = raw.and_then(|r| r.isolated.as_ref());
+    if mode == NetworkMode::None {
+        if let Some(value) = reach_raw {
+            return Err(src.spanned(
+                value,
+                "network.reach",
+                "a machine with mode = \"none\" reaches nothing anyway; remove the key",
+            ));
+        }
+        if let Some(value) = isolated_raw {
+            return Err(src.spanned(
+                value,
+                "network.isolated",
+                "a machine with mode = \"none\" is isolated anyway; remove the key",
+            ));
+        }
+    }
+    Ok((reach, isolated_raw.is_some_and(|v| *v.get_ref())))
 }
 
 /// `"192.0.2.10/24"` or `"fd00::10/64"`, a host address inside its prefix.
@@ -1391,6 +1456,8 @@ mod tests {
                 nat: true,
                 ports: vec![],
                 bridge: String::new(),
+                reach: Reach::All,
+                isolated: false,
             }
         );
         assert_eq!(def.resources, Resources::default());
@@ -1464,6 +1531,8 @@ read_only = false
                     machine_port: 80,
                 }],
                 bridge: String::new(),
+                reach: Reach::All,
+                isolated: false,
             },
             resources: Resources {
                 memory: Some(512 << 20),
@@ -1675,6 +1744,8 @@ cpus = 2
             ),
             ("ports = [\"tcp:x:80\"]", "network.ports", "not a port"),
             ("bridge = \"a/b\"", "network.bridge", "interface"),
+            ("reach = \"lan\"", "network.reach", "all, outside, nothing"),
+            ("isolated = \"yes\"", "network.isolated", "bool"),
         ];
         for (line, key, needle) in cases {
             let message = expect_error(&with_root(&format!("[network]\n{line}\n")), 3, key);
@@ -1826,6 +1897,37 @@ cpus = 2
             assert_eq!(value.to_string().parse::<NetworkMode>(), Ok(value));
         }
         assert!("host".parse::<NetworkMode>().is_err());
+    }
+
+    #[test]
+    fn reach_round_trips() {
+        for value in Reach::ALL {
+            assert_eq!(value.to_string().parse::<Reach>(), Ok(value));
+        }
+        assert!("everything".parse::<Reach>().is_err());
+    }
+
+    #[test]
+    fn reach_and_isolated_parse() {
+        let def = parse(&with_root(
+            "[network]\nreach = \"outside\"\nisolated = true\n",
+        ))
+        .unwrap();
+        assert_eq!(def.network.reach, Reach::Outside);
+        assert!(def.network.isolated);
+        let def = parse(&with_root("[network]\nreach = \"nothing\"\n")).unwrap();
+        assert_eq!(def.network.reach, Reach::Nothing);
+        assert!(!def.network.isolated);
+        expect_error(
+            &with_root("[network]\nmode = \"none\"\nreach = \"outside\"\n"),
+            4,
+            "network.reach",
+        );
+        expect_error(
+            &with_root("[network]\nmode = \"none\"\nisolated = true\n"),
+            4,
+            "network.isolated",
+        );
     }
 
     #[test]

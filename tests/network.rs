@@ -11,12 +11,20 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use rmachines::definition::{AddressSpec, PortSpec, Protocol};
+use rmachines::definition::{AddressSpec, PortSpec, Protocol, Reach};
 use rmachines::network::{self, link, NetworkError};
 use rmachines::runtime::protocol::MachineState;
 use support::*;
 
 const BOOT: Duration = Duration::from_secs(30);
+
+/// Held by the tests that publish ports: route_localnet on the shared test
+/// bridge depends on whether any running machine publishes one.
+static PUBLISHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn publishing() -> std::sync::MutexGuard<'static, ()> {
+    PUBLISHING.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn boot(def: rmachines::definition::Definition) -> TestMachine {
     let mut m = TestMachine::launch(def);
@@ -63,13 +71,18 @@ fn links() -> Vec<String> {
     link::link_names().expect("list links")
 }
 
+/// Both of the test configuration's tables (inet and bridge), as text.
 fn table_text() -> String {
     let table = test_network_config().table;
-    let out = Command::new("nft")
-        .args(["list", "table", "inet", &table])
-        .output()
-        .expect("nft");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut text = String::new();
+    for family in ["inet", "bridge"] {
+        let out = Command::new("nft")
+            .args(["list", "table", family, &table])
+            .output()
+            .expect("nft");
+        text.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    text
 }
 
 /// Nothing of this machine's network is left on the host.
@@ -81,6 +94,12 @@ fn assert_network_gone(m: &TestMachine) {
         net.host_veth
     );
     let table = table_text();
+    assert!(
+        !table.contains(&format!("\"{}\"", net.host_veth))
+            && !table.contains(&format!("m-{}", net.host_veth)),
+        "rules for {} left:\n{table}",
+        net.host_veth
+    );
     for addr in net.addresses() {
         let addr = addr.split('/').next().unwrap().to_owned();
         assert!(!table.contains(&addr), "rules for {addr} left:\n{table}");
@@ -161,6 +180,12 @@ fn host_and_machine_reach_each_other() {
     assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "hello");
     drop(conn);
 
+    // Its chain and map entry are in the bridge table while it runs.
+    let table = table_text();
+    assert!(
+        table.contains(&format!("\"{}\" : goto m-{}", net.host_veth, net.host_veth)),
+        "{table}"
+    );
     m.stop();
     let end = m.wait_end(BOOT);
     assert_eq!(end.state, MachineState::Stopped, "{end:?}");
@@ -168,10 +193,42 @@ fn host_and_machine_reach_each_other() {
     assert_nothing_left(&m);
 }
 
+/// The handles of both tables: a rebuild creates them anew.
+fn table_handles() -> String {
+    let table = test_network_config().table;
+    ["inet", "bridge"]
+        .map(|family| {
+            let text = host_cmd(&["nft", "-a", "list", "table", family, &table]);
+            text.lines().next().unwrap_or("").to_owned()
+        })
+        .join(" / ")
+}
+
 #[test]
 fn machines_reach_each_other_over_the_bridge() {
+    let _publishing = publishing();
     let root = fixture("busybox");
     let a = boot(private_definition("nw-peer-a", &root));
+    // A start or stop next to a running machine changes only its own chain
+    // and elements: the tables are not rebuilt. (Another test's machine
+    // ending meanwhile runs a cleanup, which rebuilds them: try again.)
+    let mut rebuilt = Vec::new();
+    for _ in 0..3 {
+        let handles = table_handles();
+        assert!(handles.contains("# handle"), "{handles}");
+        let mut passing = boot(private_definition("nw-peer-c", &root));
+        passing.stop();
+        passing.wait_end(BOOT);
+        let after = table_handles();
+        // (Its drop runs the harness's cleanup, which rebuilds.)
+        drop(passing);
+        if after == handles {
+            rebuilt.clear();
+            break;
+        }
+        rebuilt.push(format!("{handles} -> {after}"));
+    }
+    assert!(rebuilt.is_empty(), "the tables were rebuilt: {rebuilt:?}");
     let b = boot(private_definition("nw-peer-b", &root));
     serve_hostname(&b);
     let mut body = String::new();
@@ -378,6 +435,7 @@ fn sysctl(path: &str) -> String {
 
 #[test]
 fn published_port_is_shared_by_running_machines() {
+    let _publishing = publishing();
     let root = fixture("busybox");
     let mut machines: Vec<TestMachine> = (1..=3)
         .map(|i| {
@@ -489,6 +547,7 @@ fn published_port_is_shared_by_running_machines() {
 
 #[test]
 fn bad_network_input_is_rejected_naming_the_key() {
+    let _publishing = publishing();
     let root = fixture("busybox");
     let config = test_network_config();
     let storage = Path::new(TEST_NET_STORAGE);
@@ -679,4 +738,561 @@ fn cleanup_leaves_links_on_other_bridges_alone() {
         !now.contains(&"rmt-cleanbr".to_owned()),
         "the unused bridge stayed"
     );
+}
+
+// ---------------------------------------------------------------------------
+// What a machine cannot do on the network (docs/networking.md): real frames
+// sent from inside the machines, checked against the host's and the
+// neighbours' view.
+// ---------------------------------------------------------------------------
+
+/// Runs `f` on a thread inside the network namespace of process `pid`.
+fn in_netns<T: Send + 'static>(pid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("open netns");
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// Sends one raw Ethernet frame out of host0 of the machine: what its root
+/// (CAP_NET_RAW in its own namespaces) can do.
+fn send_frame(m: &TestMachine, frame: Vec<u8>) {
+    in_netns(m.leader(), move || {
+        let index = nix::net::if_::if_nametoindex(GUEST_IF).expect("host0 index");
+        // SAFETY: plain socket(2); the descriptor is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                i32::from((libc::ETH_P_ALL as u16).to_be()),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+        let _owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = index as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: buffer and address point to live memory of the given sizes.
+        let sent = unsafe {
+            libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            sent,
+            frame.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+    });
+    // Let the kernel process it before anyone looks.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+const GUEST_IF: &str = "host0";
+const BROADCAST: [u8; 6] = [0xff; 6];
+const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
+
+fn ethernet(dst: [u8; 6], src: [u8; 6], kind: u16, body: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(14 + body.len());
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(&src);
+    frame.extend_from_slice(&kind.to_be_bytes());
+    frame.extend_from_slice(body);
+    frame
+}
+
+/// An ARP reply ("gratuitous": sender and target the same) claiming that
+/// `ip` is at `mac`.
+fn arp_claim(src_mac: [u8; 6], mac: [u8; 6], ip: std::net::Ipv4Addr) -> Vec<u8> {
+    let mut arp = vec![0, 1, 0x08, 0, 6, 4, 0, 2];
+    arp.extend_from_slice(&mac);
+    arp.extend_from_slice(&ip.octets());
+    arp.extend_from_slice(&BROADCAST);
+    arp.extend_from_slice(&ip.octets());
+    ethernet(BROADCAST, src_mac, 0x0806, &arp)
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4/UDP frame (UDP checksum 0: none, allowed over IPv4).
+fn udp4(
+    (dst_mac, src_mac): ([u8; 6], [u8; 6]),
+    (src, sport): (std::net::Ipv4Addr, u16),
+    (dst, dport): (std::net::Ipv4Addr, u16),
+    data: &[u8],
+) -> Vec<u8> {
+    let total = 20 + 8 + data.len();
+    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip.extend_from_slice(&sport.to_be_bytes());
+    ip.extend_from_slice(&dport.to_be_bytes());
+    ip.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0]);
+    ip.extend_from_slice(data);
+    ethernet(dst_mac, src_mac, 0x0800, &ip)
+}
+
+/// An IPv6/ICMPv6 frame with a correct checksum.
+fn icmp6(
+    (dst_mac, src_mac): ([u8; 6], [u8; 6]),
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    mut message: Vec<u8>,
+) -> Vec<u8> {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&message);
+    let sum = checksum(&pseudo);
+    message[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    ip.extend_from_slice(&[58, 255]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(&message);
+    ethernet(dst_mac, src_mac, 0x86dd, &ip)
+}
+
+/// A router advertisement: default router for 30 min, an autonomous
+/// prefix 2001:db8:1::/64 and an MTU of 1280.
+fn router_advert(mac: [u8; 6]) -> Vec<u8> {
+    let mut ra = vec![134, 0, 0, 0, 64, 0];
+    ra.extend_from_slice(&1800u16.to_be_bytes());
+    ra.extend_from_slice(&[0; 8]);
+    ra.extend_from_slice(&[1, 1]);
+    ra.extend_from_slice(&mac);
+    ra.extend_from_slice(&[3, 4, 64, 0xc0]);
+    ra.extend_from_slice(&86400u32.to_be_bytes());
+    ra.extend_from_slice(&14400u32.to_be_bytes());
+    ra.extend_from_slice(&[0; 4]);
+    ra.extend_from_slice(
+        &"2001:db8:1::"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    ra.extend_from_slice(&[5, 1, 0, 0]);
+    ra.extend_from_slice(&1280u32.to_be_bytes());
+    icmp6(
+        (ALL_NODES_MAC, mac),
+        network::link_local(mac),
+        "ff02::1".parse().unwrap(),
+        ra,
+    )
+}
+
+/// An unsolicited, overriding neighbour advertisement: `target` is at `mac`.
+fn neighbour_advert(
+    src_mac: [u8; 6],
+    src: std::net::Ipv6Addr,
+    target: std::net::Ipv6Addr,
+    mac: [u8; 6],
+) -> Vec<u8> {
+    let mut na = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    na.extend_from_slice(&target.octets());
+    na.extend_from_slice(&[2, 1]);
+    na.extend_from_slice(&mac);
+    icmp6(
+        (ALL_NODES_MAC, src_mac),
+        src,
+        "ff02::1".parse().unwrap(),
+        na,
+    )
+}
+
+/// A neighbour solicitation for `target` whose source link-layer option
+/// says `src` is at `mac`.
+fn neighbour_solicit(
+    (dst_mac, src_mac): ([u8; 6], [u8; 6]),
+    src: std::net::Ipv6Addr,
+    target: std::net::Ipv6Addr,
+    mac: [u8; 6],
+) -> Vec<u8> {
+    let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    ns.extend_from_slice(&target.octets());
+    ns.extend_from_slice(&[1, 1]);
+    ns.extend_from_slice(&mac);
+    icmp6((dst_mac, src_mac), src, target, ns)
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn host_cmd(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect(args[0]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The host's IPv6 routes, but those of machine veths (other tests' come
+/// and go).
+fn host_routes() -> String {
+    host_cmd(&["ip", "-6", "route", "show"])
+        .lines()
+        .filter(|l| !l.contains(" dev ve-"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The IPv6 addresses on a host link.
+fn bridge_addresses(link: &str) -> BTreeSet<String> {
+    host_cmd(&["ip", "-6", "-o", "addr", "show", "dev", link])
+        .lines()
+        .filter_map(|l| Some(l.split_whitespace().nth(3)?.to_owned()))
+        .collect()
+}
+
+/// The line of `ip neigh` output for `addr` (empty when none).
+fn neigh_line(table: &str, addr: IpAddr) -> String {
+    let needle = format!("{addr} ");
+    table
+        .lines()
+        .find(|l| l.starts_with(&needle))
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// A UDP socket bound in the namespace of `pid` (None: the test's own).
+fn udp_socket(pid: Option<u32>, addr: SocketAddr) -> std::net::UdpSocket {
+    let bind = move || {
+        let socket = std::net::UdpSocket::bind(addr).expect("bind udp");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        socket
+    };
+    match pid {
+        Some(pid) => in_netns(pid, bind),
+        None => bind(),
+    }
+}
+
+/// The datagrams that arrive on `socket` until it has been quiet a while.
+fn received(socket: &std::net::UdpSocket) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Ok(n) = socket.recv(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    out
+}
+
+#[test]
+fn forged_frames_change_no_one_view_of_the_network() {
+    let root = fixture("busybox");
+    let config = test_network_config();
+    let bridge = config.bridge.clone();
+    let attacker = boot(private_definition("nw-forge-a", &root));
+    let victim = boot(private_definition("nw-forge-b", &root));
+    let a = attacker.plan.network.clone().unwrap();
+    let b = victim.plan.network.clone().unwrap();
+    let (a_mac, b_mac) = (a.guest_mac, b.guest_mac);
+    let br_mac = link::bridge_mac(&bridge);
+    let (a4, b4) = (a.ipv4.unwrap().addr, b.ipv4.unwrap().addr);
+    let (a6, b6) = (a.ipv6.unwrap().addr, b.ipv6.unwrap().addr);
+    let gw4 = a.gateway_v4.unwrap();
+    let gw6 = a.gateway_v6.unwrap();
+
+    // The host side of the bridge takes no configuration from machines.
+    for key in ["accept_ra", "autoconf", "accept_redirects"] {
+        assert_eq!(
+            sysctl(&format!("/proc/sys/net/ipv6/conf/{bridge}/{key}")),
+            "0",
+            "{key}"
+        );
+    }
+    assert_eq!(
+        sysctl(&format!(
+            "/proc/sys/net/ipv4/conf/{bridge}/accept_redirects"
+        )),
+        "0"
+    );
+    // host0 has the MAC address rmachined gave it.
+    assert!(
+        attacker
+            .sh("ip link show dev host0")
+            .contains(&mac_text(a_mac)),
+        "host0 MAC"
+    );
+
+    // Everyone knows everyone: the host learns the machines from their
+    // neighbour requests, the machines learn the gateway.
+    for m in [&attacker, &victim] {
+        m.sh(&format!("ping -c 1 -W 3 {gw4} && ping6 -c 1 -W 3 {gw6}"));
+    }
+    let host_routes_before = host_routes();
+    let host_addrs_before = bridge_addresses(&bridge);
+    let mtu_before = sysctl(&format!("/proc/sys/net/ipv6/conf/{bridge}/mtu"));
+    // Linux takes a new link-layer address for an entry only after it has
+    // been unchanged for locktime (1 s).
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // ARP: the attacker claims the victim's address (to the host) and the
+    // gateway's (to the victim), from its own MAC address.
+    send_frame(&attacker, arp_claim(a_mac, a_mac, b4));
+    send_frame(&attacker, arp_claim(a_mac, a_mac, gw4));
+    // ... and with the victim's MAC address as its source.
+    send_frame(&attacker, arp_claim(b_mac, a_mac, gw4));
+    // IPv6 neighbour discovery: an advertisement for the gateway's and the
+    // victim's address; a solicitation that says its own address is at
+    // the bridge's MAC address.
+    send_frame(
+        &attacker,
+        neighbour_advert(a_mac, network::link_local(a_mac), gw6, a_mac),
+    );
+    send_frame(
+        &attacker,
+        neighbour_advert(a_mac, network::link_local(a_mac), b6, a_mac),
+    );
+    send_frame(&attacker, neighbour_advert(a_mac, a6, a6, br_mac));
+    send_frame(
+        &attacker,
+        neighbour_solicit((br_mac, a_mac), a6, gw6, br_mac),
+    );
+    // A router advertisement to all nodes.
+    send_frame(&attacker, router_advert(a_mac));
+
+    let host_neigh = host_cmd(&["ip", "neigh", "show", "dev", &bridge]);
+    for (ip, mac) in [
+        (IpAddr::V4(b4), b_mac),
+        (IpAddr::V6(b6), b_mac),
+        (IpAddr::V6(a6), a_mac),
+    ] {
+        let line = neigh_line(&host_neigh, ip);
+        assert!(
+            line.contains(&mac_text(mac)),
+            "the host's entry for {ip} changed: {line:?}\n{host_neigh}"
+        );
+    }
+    let victim_neigh = victim.sh("ip neigh show");
+    for ip in [IpAddr::V4(gw4), IpAddr::V6(gw6)] {
+        let line = neigh_line(&victim_neigh, ip);
+        assert!(
+            line.contains(&mac_text(br_mac)),
+            "the victim's entry for {ip} changed: {line:?}\n{victim_neigh}"
+        );
+    }
+    // The bridge did not learn the victim's MAC address on the attacker's port.
+    let fdb = host_cmd(&["bridge", "fdb", "show", "dev", &a.host_veth]);
+    assert!(!fdb.contains(&mac_text(b_mac)), "{fdb}");
+    // No route, address or MTU from the advertisement, on the host or the
+    // victim.
+    assert_eq!(host_routes(), host_routes_before);
+    assert_eq!(bridge_addresses(&bridge), host_addrs_before);
+    assert_eq!(
+        sysctl(&format!("/proc/sys/net/ipv6/conf/{bridge}/mtu")),
+        mtu_before
+    );
+    let victim_routes = victim.sh("ip -6 route show; ip -6 addr show");
+    assert!(!victim_routes.contains("2001:db8"), "{victim_routes}");
+    assert!(
+        !victim_routes.contains(&format!("via {}", network::link_local(a_mac))),
+        "{victim_routes}"
+    );
+    assert_eq!(
+        victim.sh("cat /proc/sys/net/ipv6/conf/host0/mtu").trim(),
+        "1500"
+    );
+
+    // Spoofed IPv4 sources: only its own address reaches the host.
+    let host_socket = udp_socket(None, SocketAddr::new(IpAddr::V4(gw4), 19999));
+    for (src, tag) in [
+        (b4, "neighbour"),
+        ("192.0.2.66".parse().unwrap(), "foreign"),
+        (a4, "own"),
+    ] {
+        send_frame(
+            &attacker,
+            udp4((br_mac, a_mac), (src, 40000), (gw4, 19999), tag.as_bytes()),
+        );
+    }
+    assert_eq!(received(&host_socket), vec!["own".to_owned()]);
+
+    // DHCP server replies: a machine may not send any, to anyone.
+    let victim_socket = udp_socket(
+        Some(victim.leader()),
+        SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 68),
+    );
+    for sport in [67u16, 1067] {
+        send_frame(
+            &attacker,
+            udp4(
+                (b_mac, a_mac),
+                (a4, sport),
+                (b4, 68),
+                format!("from {sport}").as_bytes(),
+            ),
+        );
+    }
+    assert_eq!(received(&victim_socket), vec!["from 1067".to_owned()]);
+
+    // A machine that changes its MAC address is cut off until it puts it back.
+    attacker.sh("ip link set dev host0 address 0a:de:ad:be:ef:01");
+    let out = attacker.enter("", &["/bin/sh", "-c", &format!("ping -c 1 -W 2 {gw4}")]);
+    assert!(!out.status.success(), "a changed MAC address still works");
+    attacker.sh(&format!(
+        "ip link set dev host0 address {} && ip neigh flush dev host0",
+        mac_text(a_mac)
+    ));
+    attacker.sh(&format!("ping -c 1 -W 3 {gw4}"));
+}
+
+/// A TCP listener that accepts (and drops) connections until the test
+/// ends, in the namespace of `netns` (a `/run/netns` name) or the test's.
+fn tcp_sink(netns: Option<&str>, addr: SocketAddr) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let path = netns.map(|n| format!("/run/netns/{n}"));
+    std::thread::spawn(move || {
+        if let Some(path) = path {
+            let ns = std::fs::File::open(path).expect("netns");
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        }
+        let listener = std::net::TcpListener::bind(addr).expect("bind sink");
+        ready_tx.send(()).unwrap();
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    ready_rx.recv().expect("sink ready");
+}
+
+/// Whether a TCP connection from inside the machine to `addr` succeeds.
+fn connects(m: &TestMachine, addr: SocketAddr) -> bool {
+    m.enter(
+        "",
+        &[
+            "/bin/sh",
+            "-c",
+            &format!("nc -w 2 {} {} </dev/null", addr.ip(), addr.port()),
+        ],
+    )
+    .status
+    .success()
+}
+
+#[test]
+fn reach_and_isolation_policies_hold() {
+    let _publishing = publishing();
+    let root = fixture("busybox");
+    let machine = |name: &str, reach: Reach, isolated: bool| {
+        let mut def = private_definition(name, &root);
+        def.network.reach = reach;
+        def.network.isolated = isolated;
+        def
+    };
+    let all = boot(machine("nw-reach-all", Reach::All, false));
+    let outside = boot(machine("nw-reach-out", Reach::Outside, false));
+    let isolated = boot(machine("nw-reach-iso", Reach::All, true));
+    let mut closed_def = machine("nw-reach-none", Reach::Nothing, false);
+    closed_def.network.ports = vec![port(18110, 80)];
+    let closed = boot(closed_def);
+    for m in [&all, &outside, &isolated, &closed] {
+        serve_hostname(m);
+    }
+    let gw = all.plan.network.as_ref().unwrap().gateway_v4.unwrap();
+    let host_service = SocketAddr::new(IpAddr::V4(gw), 19100);
+    tcp_sink(None, host_service);
+    let world = ClientNetns::create("rmt-world", "rmt-world-h", 2);
+    let world_service: SocketAddr = "10.220.0.10:19101".parse().unwrap();
+    tcp_sink(Some(world.name), world_service);
+    let web = |m: &TestMachine| SocketAddr::new(v4(m), 80);
+    assert!(http_get_retry(web(&all)).is_some());
+    assert!(http_get_retry(web(&closed)).is_some());
+
+    // reach = "all": the host, the world, the other machines.
+    assert!(connects(&all, host_service), "all -> host");
+    assert!(connects(&all, world_service), "all -> world");
+    assert!(!connects(&all, web(&outside)), "all -> outside");
+    assert!(!connects(&all, web(&isolated)), "all -> isolated");
+    assert!(!connects(&all, web(&closed)), "all -> closed");
+    // isolated: the host and the world, no machine.
+    assert!(connects(&isolated, host_service), "isolated -> host");
+    assert!(connects(&isolated, world_service), "isolated -> world");
+    assert!(!connects(&isolated, web(&all)), "isolated -> all");
+    // reach = "outside": the world only; ICMP to the gateway still works.
+    assert!(connects(&outside, world_service), "outside -> world");
+    assert!(!connects(&outside, host_service), "outside -> host");
+    assert!(!connects(&outside, web(&all)), "outside -> all");
+    outside.sh(&format!("ping -c 1 -W 3 {gw}"));
+    // reach = "nothing": nothing out; its published port in.
+    assert!(!connects(&closed, world_service), "closed -> world");
+    assert!(!connects(&closed, host_service), "closed -> host");
+    assert!(!connects(&closed, web(&all)), "closed -> all");
+    let published = SocketAddr::new(world.host_ip, 18110);
+    let seen = world.run(move || http_get_retry(published));
+    assert_eq!(
+        seen.as_deref(),
+        Some("nw-reach-none"),
+        "world -> closed's port"
+    );
+    assert_eq!(
+        http_get_retry("127.0.0.1:18110".parse().unwrap()).as_deref(),
+        Some("nw-reach-none"),
+        "host loopback -> closed's port"
+    );
+}
+
+/// route_localnet is on only while a machine on the bridge publishes
+/// ports, and a daemon start puts it back off after a crash.
+#[test]
+fn route_localnet_only_while_ports_are_published() {
+    let _publishing = publishing();
+    let root = fixture("busybox");
+    let bridge = test_network_config().bridge;
+    let path = format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet");
+    let mut def = private_definition("nw-localnet", &root);
+    def.network.ports = vec![port(18120, 80)];
+    let mut published = boot(def);
+    assert_eq!(sysctl(&path), "1");
+    published.stop();
+    published.wait_end(BOOT);
+    // The bridge stays for the next machine; its route_localnet goes off.
+    // (Or another test's cleanup removed the unused bridge meanwhile.)
+    assert_ne!(sysctl(&path), "1", "after the last machine with ports left");
+    let _keeper = boot(private_definition("nw-localnet-keep", &root));
+    assert_eq!(sysctl(&path), "0");
+    // A crashed daemon may leave it on: the next daemon start turns it off.
+    std::fs::write(&path, "1").unwrap();
+    network::firewall::cleanup(&test_network_config()).unwrap();
+    assert_eq!(sysctl(&path), "0", "after the cleanup at daemon start");
 }

@@ -1,12 +1,14 @@
-//! Membership of running private machines and the one nftables table that
-//! serves them (NAT, published ports, the loopback guard).
+//! Membership of running private machines and the nftables tables that
+//! serve them (NAT, published ports, the loopback guard; anti-spoofing and
+//! the reach policy come from [`guard`]).
 //!
 //! Every supervisor of a private machine registers in
 //! `<runtime_dir>/members.json` (under an flock) while its machine runs.
 //! The table's rules depend on the bridges in use and the published ports
-//! (its [`Shape`]); the NAT addresses live in one set per bridge. A machine
-//! that only changes a NAT set (the common case: no published ports, a
-//! bridge already in use) adds or deletes its element; any other change
+//! (its [`Shape`]); the NAT addresses live in one set per bridge, and each
+//! machine's own rules in its chain and set elements. A machine that
+//! changes nothing else (the common case: no published ports, a bridge
+//! already in use) adds or deletes those; any other change
 //! rebuilds the table whole from the registry in one atomic `nft -j -f -`
 //! transaction, so a port shared by several machines always rotates over
 //! exactly the running ones. No rule of anyone else's table is touched.
@@ -20,7 +22,7 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{link, NetworkError, NetworkPlan};
+use super::{guard, link, NetworkError, NetworkPlan};
 use crate::definition::{PortSpec, Protocol};
 use crate::statefile::LockedDir;
 
@@ -42,6 +44,11 @@ struct State {
     /// next change rebuilds it).
     #[serde(default)]
     shape: Option<Shape>,
+    /// Bridges whose route_localnet rmachined turned on; turned off when no
+    /// machine on them publishes ports any more, or at the next daemon
+    /// start after a crash.
+    #[serde(default)]
+    localnet: BTreeSet<String>,
 }
 
 /// Everything the table's rules depend on except the NAT addresses.
@@ -378,15 +385,18 @@ pub fn cleanup(config: &super::NetworkConfig) -> Result<(), NetworkError> {
         .values()
         .map(|m| m.plan.host_veth.clone())
         .collect();
-    for name in link::link_names()? {
+    for (name, master) in link::links_with_masters()? {
         if name.starts_with(super::VETH_PREFIX)
             && !owned.contains(&name)
-            && link::master_of(&name).as_deref() == Some(config.bridge.as_str())
+            && master.as_deref() == Some(config.bridge.as_str())
         {
             tracing::info!(link = %name, bridge = %config.bridge, "removing a leftover machine link");
             let _ = link::delete_link("-", &name);
         }
     }
+    // Whatever a crashed daemon left: route_localnet is off on the managed
+    // bridge unless a running machine on it publishes ports.
+    state.localnet.insert(config.bridge.clone());
     let result = apply("-", &config.table, &mut state, Change::Unknown);
     let uses_bridge = state
         .members
@@ -405,8 +415,9 @@ fn remove_unused_bridge(plan: &NetworkPlan, state: &State) {
     }
 }
 
-/// Brings the table in line with `state` after `change`: adds or deletes
-/// one NAT element when that is all that changed, else rebuilds the table
+/// Brings the tables in line with `state` after `change`: adds or deletes
+/// the machine's chain and elements when that is all that changed, else
+/// rebuilds the tables
 /// whole (or deletes it when no machine runs and the change is not a
 /// single machine leaving: daemon start and exit). Turns IPv4 forwarding on
 /// while a machine needs it and restores it after.
@@ -433,15 +444,26 @@ fn apply(
     if forwarding_v6 {
         enable_ipv6_forwarding(machine, &mut state.ipv6_forwarding)?;
     }
-    let loopback_bridges: BTreeSet<&str> = members
+    // route_localnet only on bridges that carry loopback-published ports,
+    // and only while their guard rules are in place (docs/networking.md):
+    // turned off before the table changes, on after.
+    let localnet: BTreeSet<String> = members
         .iter()
         .filter(|p| !p.ports.is_empty())
-        .map(|p| p.bridge.as_str())
+        .map(|p| p.bridge.clone())
         .collect();
+    let mut touched: BTreeSet<String> = std::mem::take(&mut state.localnet);
+    touched.extend(members.iter().map(|p| p.bridge.clone()));
+    if let Change::Left(plan) = change {
+        touched.insert(plan.bridge.clone());
+    }
+    for bridge in touched.difference(&localnet) {
+        set_route_localnet(bridge, false);
+    }
     let shape = Shape::of(&members);
     let incremental = match (&state.shape, change) {
         (Some(applied), Change::Joined(plan) | Change::Left(plan)) if applied.serves(&shape) => {
-            Some(nat_element_change(
+            Some(member_change(
                 table,
                 plan,
                 matches!(change, Change::Joined(_)),
@@ -449,14 +471,15 @@ fn apply(
         }
         _ => None,
     };
-    let done = match incremental {
-        // Neither its NAT nor the shape changed: nothing to write.
-        Some(None) => true,
-        // A table changed behind our back makes this fail; the rebuild
-        // below repairs it.
-        Some(Some(commands)) => nft(machine, &commands).is_ok(),
-        None => false,
-    };
+    // A table changed behind our back makes the element change fail; the
+    // rebuild below repairs it.
+    let done = incremental.is_some_and(|commands| match nft(machine, &commands) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::debug!(%err, "the element change failed; rebuilding the tables");
+            false
+        }
+    });
     if !done {
         state.shape = None;
         if members.is_empty() {
@@ -466,16 +489,10 @@ fn apply(
             state.shape = Some(shape);
         }
     }
-    // route_localnet only on bridges that carry loopback-published ports,
-    // after the guard rules are in place (see docs/networking.md).
-    let all_bridges: BTreeSet<&str> = members.iter().map(|p| p.bridge.as_str()).collect();
-    for bridge in all_bridges {
-        let on = loopback_bridges.contains(bridge);
-        let _ = fs::write(
-            format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet"),
-            if on { "1" } else { "0" },
-        );
+    for bridge in &localnet {
+        set_route_localnet(bridge, true);
     }
+    state.localnet = localnet;
     if !forwarding {
         if let Some(old) = state.saved_ip_forward.take() {
             if let Err(e) = fs::write(IP_FORWARD, &old) {
@@ -487,6 +504,17 @@ fn apply(
         restore_ipv6_forwarding(&mut state.ipv6_forwarding);
     }
     Ok(())
+}
+
+/// Writes `net.ipv4.conf.<bridge>.route_localnet`; a bridge that is gone
+/// needs nothing.
+fn set_route_localnet(bridge: &str, on: bool) {
+    let path = format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet");
+    match fs::write(&path, if on { "1" } else { "0" }) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(%e, "writing {path}"),
+    }
 }
 
 /// Turns IPv6 forwarding on. A forwarding interface ignores router
@@ -714,6 +742,8 @@ fn ruleset(table: &str, members: &[&NetworkPlan], shape: &Shape) -> Value {
             ));
         }
     }
+    cmds.extend(guard::inet_policy(table));
+    cmds.extend(guard::bridge_table(table, members));
     json!({"nftables": cmds})
 }
 
@@ -730,16 +760,20 @@ fn nat_address(plan: &&NetworkPlan) -> Option<String> {
     }
 }
 
-/// The one-element transaction that adds (or deletes) the machine's NAT
-/// address; None when the machine has none.
-fn nat_element_change(table: &str, plan: &NetworkPlan, add: bool) -> Option<Value> {
-    let addr = nat_address(&plan)?;
-    let element = json!({"element": {
-        "family": "inet", "table": table, "name": nat_set(&plan.bridge), "elem": [addr],
-    }});
-    let mut command = serde_json::Map::new();
-    command.insert((if add { "add" } else { "delete" }).to_owned(), element);
-    Some(json!({"nftables": [command]}))
+/// The transaction that adds (or deletes) everything of one machine's in
+/// the tables: its NAT element, its chain and elements (see [`guard`]).
+fn member_change(table: &str, plan: &NetworkPlan, add: bool) -> Value {
+    let mut cmds = Vec::new();
+    if let Some(addr) = nat_address(&plan) {
+        let element = json!({"element": {
+            "family": "inet", "table": table, "name": nat_set(&plan.bridge), "elem": [addr],
+        }});
+        let mut command = serde_json::Map::new();
+        command.insert((if add { "add" } else { "delete" }).to_owned(), element);
+        cmds.push(Value::Object(command));
+    }
+    cmds.extend(guard::member_commands(table, plan, add));
+    json!({"nftables": cmds})
 }
 
 fn nft(machine: &str, ruleset: &Value) -> Result<(), NetworkError> {
@@ -773,19 +807,13 @@ fn nft(machine: &str, ruleset: &Value) -> Result<(), NetworkError> {
     Ok(())
 }
 
+/// Deletes both tables (inet and bridge) if they exist: adding first makes
+/// the deletion succeed either way, in one transaction.
 fn delete_table(machine: &str, table: &str) -> Result<(), NetworkError> {
-    let exists = Command::new("nft")
-        .args(["list", "table", "inet", table])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !exists {
-        return Ok(());
+    let mut cmds = Vec::new();
+    for family in ["inet", "bridge"] {
+        cmds.push(json!({"add": {"table": {"family": family, "name": table}}}));
+        cmds.push(json!({"delete": {"table": {"family": family, "name": table}}}));
     }
-    nft(
-        machine,
-        &json!({"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]}),
-    )
+    nft(machine, &json!({"nftables": cmds}))
 }

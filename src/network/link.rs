@@ -201,6 +201,7 @@ pub fn setup_private(plan: &NetworkPlan, pid: libc::pid_t) -> Result<(), Network
             }
         };
         if plan.managed_bridge {
+            refuse_configuration_from_machines(machine, &plan.bridge)?;
             if let Some(v4) = plan.bridge_ipv4 {
                 add_address(
                     &host,
@@ -230,6 +231,7 @@ pub fn setup_private(plan: &NetworkPlan, pid: libc::pid_t) -> Result<(), Network
         delete_named(&host, machine, &plan.host_veth).await?;
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(GUEST_IFNAME.to_owned())
+            .address(plan.guest_mac.to_vec())
             .setns_by_pid(pid as u32)
             .build();
         let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
@@ -312,6 +314,38 @@ pub fn setup_private(plan: &NetworkPlan, pid: libc::pid_t) -> Result<(), Network
     })
 }
 
+/// The host's side of the managed bridge takes no configuration from the
+/// machines: no router advertisements (a default route, addresses, an MTU),
+/// no autoconfigured addresses, no ICMP redirects. Set before the bridge
+/// comes up and on every start (a few sysctl writes), so a bridge left by
+/// an earlier daemon is covered too. IPv6 forwarding does not need
+/// `accept_ra` on the bridge: the uplinks keep theirs (see firewall.rs).
+fn refuse_configuration_from_machines(machine: &str, bridge: &str) -> Result<(), NetworkError> {
+    let settings = [
+        ("ipv6", "accept_ra"),
+        ("ipv6", "autoconf"),
+        ("ipv6", "accept_redirects"),
+        ("ipv4", "accept_redirects"),
+    ];
+    for (family, key) in settings {
+        let path = format!("/proc/sys/net/{family}/conf/{bridge}/{key}");
+        match std::fs::write(&path, "0") {
+            Ok(()) => {}
+            // No IPv6 on this host (ipv6.disable=1): nothing to refuse.
+            Err(e) if family == "ipv6" && e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(NetworkError::Io {
+                    machine: machine.to_owned(),
+                    action: "write 0 to",
+                    path: path.into(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `mode = "none"`: only `lo`, up.
 pub fn setup_loopback_only(machine: &str, pid: libc::pid_t) -> Result<(), NetworkError> {
     run(machine, async {
@@ -357,7 +391,9 @@ pub fn remove_machine_link(
     name: &str,
     grace: std::time::Duration,
 ) -> Result<bool, NetworkError> {
-    let entry = std::path::Path::new("/sys/class/net").join(name);
+    // /proc/sys/net shows the caller's network namespace (sysfs shows the
+    // one of whoever mounted it), and every link has an IPv4 entry there.
+    let entry = std::path::Path::new("/proc/sys/net/ipv4/conf").join(name);
     let deadline = std::time::Instant::now() + grace;
     while entry.exists() {
         if std::time::Instant::now() >= deadline {
@@ -368,7 +404,46 @@ pub fn remove_machine_link(
     Ok(false)
 }
 
-/// Names of the host's links.
+/// Names of the host's links, each with the name of its master (the
+/// bridge it is attached to), if any.
+pub fn links_with_masters() -> Result<Vec<(String, Option<String>)>, NetworkError> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    run("-", async {
+        let host = connect("-")?;
+        let mut links = Vec::new();
+        let mut dump = host.link().get().execute();
+        while let Some(msg) = dump
+            .try_next()
+            .await
+            .map_err(nl_err("-", "listing links"))?
+        {
+            let mut name = None;
+            let mut master = None;
+            for attr in msg.attributes {
+                match attr {
+                    LinkAttribute::IfName(n) => name = Some(n),
+                    LinkAttribute::Controller(index) => master = Some(index),
+                    _ => {}
+                }
+            }
+            if let Some(name) = name {
+                links.push((msg.header.index, name, master));
+            }
+        }
+        let name_of = |index: u32| {
+            links
+                .iter()
+                .find(|(i, _, _)| *i == index)
+                .map(|(_, n, _)| n.clone())
+        };
+        Ok(links
+            .iter()
+            .map(|(_, name, master)| (name.clone(), master.and_then(name_of)))
+            .collect())
+    })
+}
+
+/// Names of the host's links./// Names of the host's links.
 pub fn link_names() -> Result<Vec<String>, NetworkError> {
     run("-", async {
         let host = connect("-")?;
@@ -387,10 +462,4 @@ pub fn link_names() -> Result<Vec<String>, NetworkError> {
         }
         Ok(names)
     })
-}
-
-/// The bridge (or other master) a host link is attached to, from sysfs.
-pub fn master_of(name: &str) -> Option<String> {
-    let target = std::fs::read_link(format!("/sys/class/net/{name}/master")).ok()?;
-    Some(target.file_name()?.to_string_lossy().into_owned())
 }

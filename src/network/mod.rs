@@ -9,6 +9,7 @@
 
 pub mod address;
 pub mod firewall;
+mod guard;
 pub mod link;
 pub mod relay;
 
@@ -19,7 +20,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::definition::{AddressSpec, Definition, NetworkMode, PortSpec};
+use crate::definition::{AddressSpec, Definition, NetworkMode, PortSpec, Reach};
 
 /// Longest interface name the kernel takes (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
@@ -182,7 +183,7 @@ pub struct NetworkConfig {
     pub ipv4_subnet: Ipv4Cidr,
     /// Machines' IPv6 subnet (ULA); None: no IPv6 on the managed bridge.
     pub ipv6_subnet: Option<Ipv6Cidr>,
-    /// Name of the nftables table (family inet) that holds every rule.
+    /// Name of the nftables tables (families inet and bridge) that hold every rule.
     pub table: String,
     /// Runtime state shared by all supervisors of this daemon: the firewall
     /// membership registry and its lock.
@@ -239,7 +240,17 @@ pub struct NetworkPlan {
     pub gateway_v6: Option<Ipv6Addr>,
     pub nat: bool,
     pub ports: Vec<PortSpec>,
-    /// The nftables table (family inet) and the shared registry directory.
+    /// host0's MAC address, fixed by rmachined: the only source address
+    /// the bridge takes from the machine.
+    #[serde(default)]
+    pub guest_mac: [u8; 6],
+    /// What the machine may reach (`network.reach`).
+    #[serde(default)]
+    pub reach: Reach,
+    /// `network.isolated`: no traffic with the other machines.
+    #[serde(default)]
+    pub isolated: bool,
+    /// The nftables tables (inet and bridge) and the shared registry directory.
     pub table: String,
     pub runtime_dir: PathBuf,
 }
@@ -256,6 +267,54 @@ impl NetworkPlan {
         }
         out
     }
+
+    /// Whether the machine is kept apart from the other machines: asked for
+    /// with `isolated`, or implied by a reach other than `all`.
+    pub fn is_isolated(&self) -> bool {
+        self.isolated || self.reach != Reach::All
+    }
+
+    /// host0's link-local address: the kernel derives it from the MAC
+    /// address (EUI-64) when host0 comes up.
+    pub fn guest_link_local(&self) -> Ipv6Addr {
+        link_local(self.guest_mac)
+    }
+
+    /// Whether host0's MAC address is the one rmachined gave it (plans
+    /// written before that have none).
+    pub fn knows_guest_mac(&self) -> bool {
+        self.guest_mac != [0; 6]
+    }
+
+    /// Whether rmachined knows every IPv6 source address the machine may
+    /// use (its link-local one and the one it was given): on its own
+    /// bridge, or with an explicit IPv6 address. A machine on a foreign
+    /// bridge with `address = "auto"` may configure itself by SLAAC.
+    pub fn knows_ipv6_sources(&self) -> bool {
+        self.managed_bridge || self.ipv6.is_some()
+    }
+}
+
+/// The EUI-64 link-local address of a MAC address (RFC 4291, appendix A).
+pub fn link_local(mac: [u8; 6]) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([mac[0] ^ 0x02, mac[1]]),
+        u16::from_be_bytes([mac[2], 0xff]),
+        u16::from_be_bytes([0xfe, mac[3]]),
+        u16::from_be_bytes([mac[4], mac[5]]),
+    )
+}
+
+/// A fixed MAC address for a machine's host0, derived from its name:
+/// locally administered and unicast, first byte 0x0a (the managed bridge's
+/// starts with 0x02, so the two never meet).
+pub fn guest_mac(machine: &str) -> [u8; 6] {
+    let hash = address::fnv1a64(format!("host0:{machine}").as_bytes()).to_be_bytes();
+    [0x0a, hash[0], hash[1], hash[2], hash[3], hash[4]]
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -354,6 +413,9 @@ pub fn plan_network(
             gateway_v6: None,
             nat: net.nat,
             ports: net.ports.clone(),
+            guest_mac: guest_mac(&def.name),
+            reach: net.reach,
+            isolated: net.isolated,
             table: config.table.clone(),
             runtime_dir: config.runtime_dir.clone(),
         }));
@@ -379,6 +441,9 @@ pub fn plan_network(
         gateway_v6: config.gateway_v6(),
         nat: net.nat,
         ports: net.ports.clone(),
+        guest_mac: guest_mac(&def.name),
+        reach: net.reach,
+        isolated: net.isolated,
         table: config.table.clone(),
         runtime_dir: config.runtime_dir.clone(),
     }))
@@ -460,5 +525,17 @@ mod tests {
         assert_eq!(v6.nth(1), "fd00::1".parse::<Ipv6Addr>().unwrap());
         assert!("1.2.3.4".parse::<Ipv4Cidr>().is_err());
         assert!("1.2.3.4/33".parse::<Ipv4Cidr>().is_err());
+    }
+
+    #[test]
+    fn guest_mac_and_link_local() {
+        let mac = guest_mac("web");
+        assert_eq!(mac[0], 0x0a);
+        assert_eq!(mac, guest_mac("web"));
+        assert_ne!(mac, guest_mac("web2"));
+        assert_eq!(
+            link_local([0x0a, 0x11, 0x22, 0x33, 0x44, 0x55]),
+            "fe80::811:22ff:fe33:4455".parse::<Ipv6Addr>().unwrap()
+        );
     }
 }
