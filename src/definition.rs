@@ -129,11 +129,21 @@ pub enum Protocol {
 
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Resources {
-    /// Bytes.
+    /// Hard memory limit, bytes.
     pub memory: Option<u64>,
-    /// CPUs, e.g. 1.5.
+    /// Memory throttle threshold, bytes.
+    #[serde(default)]
+    pub memory_high: Option<u64>,
+    /// CPU bandwidth in CPUs, e.g. 1.5.
     pub cpus: Option<f64>,
+    /// Relative CPU weight, 1..=10000 (100 is the default).
+    #[serde(default)]
+    pub cpu_weight: Option<u16>,
+    /// Most tasks (processes and threads).
     pub tasks: Option<u64>,
+    /// Relative I/O weight, 1..=10000 (100 is the default).
+    #[serde(default)]
+    pub io_weight: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -558,8 +568,11 @@ struct RawNetwork {
 #[serde(deny_unknown_fields)]
 struct RawResources {
     memory: Option<Spanned<toml::Value>>,
+    memory_high: Option<Spanned<toml::Value>>,
     cpus: Option<Spanned<toml::Value>>,
+    cpu_weight: Option<Spanned<i64>>,
     tasks: Option<Spanned<i64>>,
+    io_weight: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -1234,30 +1247,8 @@ fn parse_resources(
     let Some(raw) = raw else {
         return Ok(Resources::default());
     };
-    let memory = match &raw.memory {
-        Some(value) => {
-            let bytes = match value.get_ref() {
-                toml::Value::Integer(n) => {
-                    u64::try_from(*n).map_err(|_| format!("{n} is negative"))
-                }
-                toml::Value::String(s) => parse_size(s),
-                other => Err(format!(
-                    "expected a size like \"512M\", found a {}",
-                    other.type_str()
-                )),
-            }
-            .and_then(|b| {
-                if b == 0 {
-                    Err("must be greater than 0".to_string())
-                } else {
-                    Ok(b)
-                }
-            })
-            .map_err(|m| src.spanned(value, "resources.memory", m))?;
-            Some(bytes)
-        }
-        None => None,
-    };
+    let memory = parse_memory(src, raw.memory.as_ref(), "resources.memory")?;
+    let memory_high = parse_memory(src, raw.memory_high.as_ref(), "resources.memory_high")?;
     let cpus = match &raw.cpus {
         Some(value) => {
             let cpus = match value.get_ref() {
@@ -1296,9 +1287,57 @@ fn parse_resources(
     };
     Ok(Resources {
         memory,
+        memory_high,
         cpus,
+        cpu_weight: parse_weight(src, raw.cpu_weight.as_ref(), "resources.cpu_weight")?,
         tasks,
+        io_weight: parse_weight(src, raw.io_weight.as_ref(), "resources.io_weight")?,
     })
+}
+
+/// A size in bytes: an integer or a string like "512M".
+fn parse_memory(
+    src: &Source<'_>,
+    value: Option<&Spanned<toml::Value>>,
+    key: &str,
+) -> Result<Option<u64>, DefinitionError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let bytes = match value.get_ref() {
+        toml::Value::Integer(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
+        toml::Value::String(s) => parse_size(s),
+        other => Err(format!(
+            "expected a size like \"512M\", found a {}",
+            other.type_str()
+        )),
+    }
+    .and_then(|b| {
+        if b == 0 {
+            Err("must be greater than 0".to_string())
+        } else {
+            Ok(b)
+        }
+    })
+    .map_err(|m| src.spanned(value, key, m))?;
+    Ok(Some(bytes))
+}
+
+/// A relative weight, 1..=10000 as in cgroup2's cpu.weight and io.weight.
+fn parse_weight(
+    src: &Source<'_>,
+    value: Option<&Spanned<i64>>,
+    key: &str,
+) -> Result<Option<u16>, DefinitionError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let n = *value.get_ref();
+    u16::try_from(n)
+        .ok()
+        .filter(|w| (1..=10_000).contains(w))
+        .map(Some)
+        .ok_or_else(|| src.spanned(value, key, format!("{n} must be between 1 and 10000")))
 }
 
 fn parse_bind(src: &Source<'_>, raw: &RawBind) -> Result<Bind, DefinitionError> {
@@ -1538,6 +1577,7 @@ read_only = false
                 memory: Some(512 << 20),
                 cpus: Some(1.5),
                 tasks: Some(512),
+                ..Resources::default()
             },
             binds: vec![Bind {
                 source: "/srv/web".into(),
@@ -1795,6 +1835,25 @@ cpus = 2
     }
 
     #[test]
+    fn every_resource_key_parses() {
+        let def = parse(&with_root(
+            "[resources]\nmemory = \"1G\"\nmemory_high = \"768M\"\ncpus = 0.5\ncpu_weight = 200\ntasks = 64\nio_weight = 10000\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            def.resources,
+            Resources {
+                memory: Some(1 << 30),
+                memory_high: Some(768 << 20),
+                cpus: Some(0.5),
+                cpu_weight: Some(200),
+                tasks: Some(64),
+                io_weight: Some(10_000),
+            }
+        );
+    }
+
+    #[test]
     fn bad_resources_are_rejected() {
         let cases: &[(&str, &str)] = &[
             ("memory = \"512X\"", "resources.memory"),
@@ -1808,6 +1867,13 @@ cpus = 2
             ("cpus = nan", "resources.cpus"),
             ("cpus = \"two\"", "resources.cpus"),
             ("tasks = 0", "resources.tasks"),
+            ("memory_high = \"1Q\"", "resources.memory_high"),
+            ("memory_high = 0", "resources.memory_high"),
+            ("cpu_weight = 0", "resources.cpu_weight"),
+            ("cpu_weight = 10001", "resources.cpu_weight"),
+            ("cpu_weight = \"high\"", "resources.cpu_weight"),
+            ("io_weight = -1", "resources.io_weight"),
+            ("io_weight = 20000", "resources.io_weight"),
         ];
         for (line, key) in cases {
             expect_error(&with_root(&format!("[resources]\n{line}\n")), 3, key);
@@ -2059,6 +2125,11 @@ mod example_tests {
             parse_definition(&name, &path, &text).unwrap_or_else(|e| panic!("{e}"));
             seen += 1;
         }
-        assert_eq!(seen, 3);
+        assert_eq!(seen, 4);
+        let limited = dir.join("limited.toml");
+        let text = std::fs::read_to_string(&limited).unwrap();
+        let def = parse_definition("limited", &limited, &text).unwrap();
+        assert_eq!(def.resources.memory, Some(1 << 30));
+        assert_eq!(def.resources.cpus, Some(1.5));
     }
 }

@@ -700,6 +700,7 @@ impl Manager {
         };
         let mut summary = ReloadSummary::default();
         let mut events = Vec::new();
+        let mut changed_limits = Vec::new();
         {
             let mut machines = self.lock();
             let mut seen = std::collections::BTreeSet::new();
@@ -714,6 +715,18 @@ impl Manager {
                         info.root = fresh.root;
                         info.autostart = fresh.autostart;
                         info.definition = fresh.definition;
+                        if let (Some(link), Some(plan), Ok(new)) =
+                            (&entry.supervisor, &entry.plan, &definition)
+                        {
+                            if plan.definition.resources != new.resources {
+                                changed_limits.push((
+                                    item.name.clone(),
+                                    plan.clone(),
+                                    new.resources,
+                                    link.commands.clone(),
+                                ));
+                            }
+                        }
                         if entry.supervisor.is_none() {
                             match (&entry.definition, &definition) {
                                 // Newly broken: shown as failed with why.
@@ -782,7 +795,53 @@ impl Manager {
         for event in events {
             self.emit(event);
         }
+        // The file is the truth: a running machine takes its new limits now.
+        let mut failures = Vec::new();
+        for (name, plan, resources, commands) in changed_limits {
+            let applied = tokio::task::spawn_blocking(move || {
+                runtime::resources::update(&plan, &resources).map(|()| resources)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+            match applied {
+                Ok(resources) => {
+                    tracing::info!(machine = name, "applied the new [resources]");
+                    if let Some(plan) = self.lock().get_mut(&name).and_then(|e| e.plan.as_mut()) {
+                        plan.definition.resources = resources;
+                    }
+                    let _ = commands.send(Command::SetResources(resources));
+                }
+                Err(message) => {
+                    tracing::warn!(machine = name, "{message}");
+                    failures.push(format!("{name}: {message}"));
+                }
+            }
+        }
+        if !failures.is_empty() {
+            return Err(ManagerError::Io(format!(
+                "definitions reloaded, but new limits could not be applied to running machines: {}",
+                failures.join("; ")
+            )));
+        }
         Ok(summary)
+    }
+
+    /// A machine's resource accounting, read from its cgroups now
+    /// ([`runtime::resources::Usage::UNKNOWN`] when it is not running).
+    pub fn usage(&self, name: &str) -> runtime::resources::Usage {
+        let plan = {
+            let machines = self.lock();
+            match machines.get(name) {
+                Some(entry) if entry.supervisor.is_some() && entry.info.leader != 0 => {
+                    entry.plan.clone()
+                }
+                _ => None,
+            }
+        };
+        plan.map_or(runtime::resources::Usage::UNKNOWN, |plan| {
+            runtime::resources::usage(&plan)
+        })
     }
 
     fn forget_if_undefined(&self, name: &str) {

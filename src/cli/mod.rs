@@ -24,7 +24,8 @@ pub struct Cli {
 enum Command {
     /// List every defined machine.
     List(query::ListOptions),
-    /// Show one machine's state and definition.
+    /// Show one machine's state, definition and resource use (memory, CPU
+    /// time, tasks, OOM kills, with the limits).
     Status(query::StatusOptions),
     /// Start machines (and wait until they are running).
     Start(lifecycle::StartOptions),
@@ -34,7 +35,8 @@ enum Command {
     Restart(lifecycle::RestartOptions),
     /// Run a shell or a command inside a machine.
     Shell(shell::ShellOptions),
-    /// Make rmachined re-read the machine definitions.
+    /// Make rmachined re-read the machine definitions; a running machine
+    /// whose [resources] changed gets the new limits at once.
     Reload,
 }
 

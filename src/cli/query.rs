@@ -39,6 +39,13 @@ pub(crate) struct MachineView {
     /// Realtime microseconds of the last state change.
     since: u64,
     error: String,
+    /// Accounting; `u64::MAX` (18446744073709551615) = no limit or unknown.
+    memory_current: u64,
+    memory_max: u64,
+    cpu_usage_nsec: u64,
+    tasks_current: u64,
+    tasks_max: u64,
+    oom_kills: u64,
 }
 
 impl MachineView {
@@ -72,6 +79,12 @@ impl MachineView {
             autostart: convert(take("Autostart")?, "Autostart")?,
             since: convert(take("Since")?, "Since")?,
             error: convert(take("Error")?, "Error")?,
+            memory_current: convert(take("MemoryCurrent")?, "MemoryCurrent")?,
+            memory_max: convert(take("MemoryMax")?, "MemoryMax")?,
+            cpu_usage_nsec: convert(take("CPUUsageNSec")?, "CPUUsageNSec")?,
+            tasks_current: convert(take("TasksCurrent")?, "TasksCurrent")?,
+            tasks_max: convert(take("TasksMax")?, "TasksMax")?,
+            oom_kills: convert(take("OOMKills")?, "OOMKills")?,
             name,
         })
     }
@@ -162,6 +175,7 @@ fn status_text(view: &MachineView) -> String {
             if view.autostart { "yes" } else { "no" }.to_owned(),
         ),
     ];
+    lines.extend(usage_lines(view));
     if !view.error.is_empty() {
         lines.push(("Error", view.error.clone()));
     }
@@ -170,6 +184,68 @@ fn status_text(view: &MachineView) -> String {
         text.push_str(&format!("{key:>12}: {value}\n"));
     }
     text
+}
+
+/// Memory, CPU, tasks and OOM kills, as far as they are known.
+fn usage_lines(view: &MachineView) -> Vec<(&'static str, String)> {
+    let known = |v: u64| v != u64::MAX;
+    let mut lines = Vec::new();
+    if known(view.memory_current) {
+        let limit = if known(view.memory_max) {
+            format!(" (max {})", size_text(view.memory_max))
+        } else {
+            String::new()
+        };
+        lines.push((
+            "Memory",
+            format!("{}{limit}", size_text(view.memory_current)),
+        ));
+    }
+    if known(view.cpu_usage_nsec) {
+        lines.push((
+            "CPU",
+            format!(
+                "{}.{:03}s",
+                view.cpu_usage_nsec / 1_000_000_000,
+                view.cpu_usage_nsec / 1_000_000 % 1000
+            ),
+        ));
+    }
+    if known(view.tasks_current) {
+        let limit = if known(view.tasks_max) {
+            format!(" (limit {})", view.tasks_max)
+        } else {
+            String::new()
+        };
+        lines.push(("Tasks", format!("{}{limit}", view.tasks_current)));
+    }
+    if known(view.oom_kills) && view.oom_kills > 0 {
+        lines.push(("OOM kills", view.oom_kills.to_string()));
+    }
+    lines
+}
+
+/// Bytes the way systemctl shows them: `31.2M`, `512M`, `1.5G`.
+fn size_text(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "K", "M", "G", "T", "P"];
+    let mut unit = 0;
+    let mut scaled = bytes;
+    while scaled >= 1024 && unit + 1 < UNITS.len() {
+        scaled /= 1024;
+        unit += 1;
+    }
+    if unit == 0 {
+        return format!("{bytes}B");
+    }
+    let divisor = 1u64 << (10 * unit);
+    if bytes % divisor == 0 {
+        format!("{}{}", bytes / divisor, UNITS[unit])
+    } else {
+        // Display only: precision loss is fine.
+        #[allow(clippy::cast_precision_loss)]
+        let value = bytes as f64 / divisor as f64;
+        format!("{value:.1}{}", UNITS[unit])
+    }
 }
 
 fn leader_text(leader: u32) -> String {
@@ -234,6 +310,12 @@ mod tests {
             autostart: false,
             since: 0,
             error: String::new(),
+            memory_current: u64::MAX,
+            memory_max: u64::MAX,
+            cpu_usage_nsec: u64::MAX,
+            tasks_current: u64::MAX,
+            tasks_max: u64::MAX,
+            oom_kills: u64::MAX,
         };
         assert!(!status_text(&view).contains("Error"));
         view.error = "root does not exist".into();
@@ -243,5 +325,54 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("      Leader: -\n"), "{text}");
+        assert!(!text.contains("Memory"), "{text}");
+    }
+
+    #[test]
+    fn status_shows_accounting_when_known() {
+        let view = MachineView {
+            name: "web".into(),
+            state: "running".into(),
+            leader: 42,
+            root: "/srv/web".into(),
+            definition: "/etc/rmachines/web.toml".into(),
+            addresses: vec![],
+            autostart: false,
+            since: 0,
+            error: String::new(),
+            memory_current: 32_715_571,
+            memory_max: 512 << 20,
+            cpu_usage_nsec: 1_204_000_000,
+            tasks_current: 12,
+            tasks_max: 512,
+            oom_kills: 1,
+        };
+        let text = status_text(&view);
+        for line in [
+            "      Memory: 31.2M (max 512M)\n",
+            "         CPU: 1.204s\n",
+            "       Tasks: 12 (limit 512)\n",
+            "   OOM kills: 1\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in {text}");
+        }
+        let unlimited = MachineView {
+            memory_max: u64::MAX,
+            tasks_max: u64::MAX,
+            oom_kills: 0,
+            ..view
+        };
+        let text = status_text(&unlimited);
+        assert!(text.contains("      Memory: 31.2M\n"), "{text}");
+        assert!(text.contains("       Tasks: 12\n"), "{text}");
+        assert!(!text.contains("OOM"), "{text}");
+    }
+
+    #[test]
+    fn sizes_read_like_systemctl() {
+        assert_eq!(size_text(900), "900B");
+        assert_eq!(size_text(512 << 20), "512M");
+        assert_eq!(size_text(1536 << 20), "1.5G");
+        assert_eq!(size_text(1 << 40), "1T");
     }
 }

@@ -1,6 +1,10 @@
 //! `org.rmachines1.Machine`, one object per defined machine at
 //! `/org/rmachines1/machine/<escaped name>`. Properties are read from the
-//! manager on every access; [`super::events`] emits `PropertiesChanged`.
+//! manager on every access; [`super::events`] emits `PropertiesChanged`,
+//! except for the accounting ones (`MemoryCurrent`, `MemoryMax`,
+//! `CPUUsageNSec`, `TasksCurrent`, `TasksMax`, `OOMKills`): they are read
+//! from the machine's cgroups on every `Get` and never announced (they
+//! change all the time).
 
 use zbus::{fdo, interface, Connection};
 
@@ -100,5 +104,42 @@ impl MachineObject {
     #[zbus(property)]
     fn error(&self) -> fdo::Result<String> {
         Ok(self.info()?.error)
+    }
+
+    /// Bytes the machine uses now; `u64::MAX` when unknown.
+    #[zbus(property(emits_changed_signal = "false"), name = "MemoryCurrent")]
+    fn memory_current(&self) -> u64 {
+        self.manager.usage(&self.name).memory_current
+    }
+
+    /// The machine's hard memory limit; `u64::MAX` for none or unknown.
+    #[zbus(property(emits_changed_signal = "false"), name = "MemoryMax")]
+    fn memory_max(&self) -> u64 {
+        self.manager.usage(&self.name).memory_max
+    }
+
+    /// CPU time the machine used since it started, nanoseconds.
+    #[zbus(property(emits_changed_signal = "false"), name = "CPUUsageNSec")]
+    fn cpu_usage_nsec(&self) -> u64 {
+        self.manager.usage(&self.name).cpu_usage_nsec
+    }
+
+    /// Tasks (processes and threads) in the machine now.
+    #[zbus(property(emits_changed_signal = "false"), name = "TasksCurrent")]
+    fn tasks_current(&self) -> u64 {
+        self.manager.usage(&self.name).tasks_current
+    }
+
+    /// The machine's task limit; `u64::MAX` for none or unknown.
+    #[zbus(property(emits_changed_signal = "false"), name = "TasksMax")]
+    fn tasks_max(&self) -> u64 {
+        self.manager.usage(&self.name).tasks_max
+    }
+
+    /// Processes the kernel's OOM killer killed in the machine since it
+    /// started (its memory limit was reached).
+    #[zbus(property(emits_changed_signal = "false"), name = "OOMKills")]
+    fn oom_kills(&self) -> u64 {
+        self.manager.usage(&self.name).oom_kills
     }
 }

@@ -68,4 +68,22 @@ pub trait Machine {
 
     #[zbus(property)]
     fn error(&self) -> zbus::Result<String>;
+
+    #[zbus(property, name = "MemoryCurrent")]
+    fn memory_current(&self) -> zbus::Result<u64>;
+
+    #[zbus(property, name = "MemoryMax")]
+    fn memory_max(&self) -> zbus::Result<u64>;
+
+    #[zbus(property, name = "CPUUsageNSec")]
+    fn cpu_usage_nsec(&self) -> zbus::Result<u64>;
+
+    #[zbus(property, name = "TasksCurrent")]
+    fn tasks_current(&self) -> zbus::Result<u64>;
+
+    #[zbus(property, name = "TasksMax")]
+    fn tasks_max(&self) -> zbus::Result<u64>;
+
+    #[zbus(property, name = "OOMKills")]
+    fn oom_kills(&self) -> zbus::Result<u64>;
 }

@@ -75,7 +75,7 @@ pub fn create_machine_cgroup(path: &Path, owner: u32) -> Result<(), RuntimeError
 /// Host-wide lock for creating and removing the shared parent cgroup.
 const PARENT_LOCK: &str = "/run/lock/rmachines-cgroup.lock";
 
-fn parent_lock() -> Result<nix::fcntl::Flock<fs::File>, RuntimeError> {
+pub(crate) fn parent_lock() -> Result<nix::fcntl::Flock<fs::File>, RuntimeError> {
     let lock_path = Path::new(PARENT_LOCK);
     if let Some(dir) = lock_path.parent() {
         let _ = fs::create_dir_all(dir);

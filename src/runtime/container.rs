@@ -222,6 +222,7 @@ fn parent_setup(
             "writing /proc/{pid}/{file} ({map:?})"
         )))?;
     }
+    let attaching = super::resources::start_attach(plan, pid);
     let userns = File::open(format!("/proc/{pid}/ns/user"))
         .map_err(RuntimeError::io("opening the machine's user namespace"))?;
 
@@ -253,6 +254,7 @@ fn parent_setup(
         None => crate::network::link::setup_loopback_only(plan.name(), pid)?,
     }
     step("network ready");
+    attaching.finish()?;
     // A child that failed meanwhile has closed its end: its message is
     // read below.
     let _ = nix::sys::socket::send(sock.as_raw_fd(), RUN, MsgFlags::MSG_NOSIGNAL);

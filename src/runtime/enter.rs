@@ -182,6 +182,8 @@ fn enter(spec: &EnterSpec) -> Result<i32, RuntimeError> {
         "pidfd_open of the machine's init (pid {})",
         spec.leader
     )))?;
+    // On a hybrid host the machine's limits are in its v1 cgroups too.
+    super::resources::join_leader_v1(spec.leader)?;
     // Born in the machine's cgroup (clone3 CLONE_INTO_CGROUP) rather than
     // moved there: moving a process between cgroups waits for an RCU grace
     // period (20 ms here), which every shell would pay.

@@ -3,10 +3,12 @@
 //! knows nothing of TOML or D-Bus.
 
 pub mod cgroup;
+pub mod cgroup_v1;
 pub mod container;
 pub mod enter;
 pub mod idrange;
 pub mod protocol;
+pub mod resources;
 pub mod security;
 pub mod supervisor;
 pub mod sys;
@@ -88,6 +90,8 @@ pub enum RuntimeError {
     },
     #[error("machine root {root} has no executable {command} (the machine's command[0]); install an init there or set `command` in the definition")]
     NoInit { root: PathBuf, command: String },
+    #[error("cannot apply resources.{key}: {reason}")]
+    Limit { key: String, reason: String },
     #[error("the container's init failed before exec: {0}")]
     Child(String),
     #[error(transparent)]

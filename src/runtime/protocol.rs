@@ -84,13 +84,16 @@ pub struct Status {
 }
 
 /// What a client asks of a supervisor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Command {
     /// Graceful stop: the stop signal, SIGKILL after the stop timeout.
     Stop,
     /// SIGKILL now.
     Kill,
+    /// `[resources]` changed and the daemon applied them to the running
+    /// machine: keep them for its next boots.
+    SetResources(crate::definition::Resources),
 }
 
 pub fn now_usec() -> u64 {

@@ -219,6 +219,9 @@ pub fn remove_leftovers(machine_dir: &Path, name: &str) {
             }
         }
     }
+    if let Err(err) = super::resources::remove_v1(machine_dir, name, Duration::from_secs(5)) {
+        tracing::warn!(machine = name, %err, "cannot remove a leftover v1 cgroup");
+    }
     let _ = fs::remove_dir_all(machine_dir.join(paths::HOST_DIR));
     let _ = fs::remove_dir(machine_dir.join(paths::ROOT_MOUNT));
     let _ = fs::remove_file(machine_dir.join(paths::CONTROL));
@@ -437,11 +440,12 @@ impl Supervisor {
         fs::create_dir_all(self.dir().join(paths::ROOT_MOUNT))
             .map_err(RuntimeError::io("creating the root mount point"))?;
         cgroup::create_machine_cgroup(&self.plan.cgroup, self.plan.ids.base)?;
+        let limited = super::resources::setup(&self.plan);
         let res = BootResources {
             console_slave: &console.slave_path,
             host_dir,
         };
-        let spawned = container::spawn(&self.plan, &res);
+        let spawned = limited.and_then(|()| container::spawn(&self.plan, &res));
         let outcome = match spawned {
             Ok(container) => {
                 self.status.boots += 1;
@@ -466,7 +470,10 @@ impl Supervisor {
         drop(notify);
         let ended = Instant::now();
         let _ = fs::remove_file(host_dir.join(paths::NOTIFY));
-        let cleanup = cgroup::remove_machine_cgroup(&self.plan.cgroup, Duration::from_secs(10));
+        let cleanup =
+            cgroup::remove_machine_cgroup(&self.plan.cgroup, Duration::from_secs(10)).and(
+                super::resources::remove_v1(self.dir(), self.plan.name(), Duration::from_secs(10)),
+            );
         tracing::debug!(
             machine = self.plan.name(),
             elapsed_us = ended.elapsed().as_micros() as u64,
@@ -759,6 +766,19 @@ impl Supervisor {
         for command in commands {
             match command {
                 Command::Stop => self.stop_requested = true,
+                Command::SetResources(resources) => {
+                    // Already written to the cgroups by the daemon: kept for
+                    // the next boot (reboot, restart policy) and re-adoption.
+                    self.plan.definition.resources = resources;
+                    match serde_json::to_vec_pretty(&self.plan) {
+                        Ok(json) => {
+                            if let Err(err) = write_atomic(&self.dir().join(paths::PLAN), &json) {
+                                tracing::warn!(%err, "cannot record the new resources");
+                            }
+                        }
+                        Err(err) => tracing::warn!(%err, "cannot record the new resources"),
+                    }
+                }
                 Command::Kill => {
                     self.stop_requested = true;
                     let _ = cgroup::remove_machine_cgroup(&self.plan.cgroup, Duration::ZERO);
