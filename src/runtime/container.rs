@@ -20,7 +20,7 @@ use nix::sys::socket::{
 };
 
 use super::sys::{self, Forked};
-use super::{paths, security, MachinePlan, RuntimeError};
+use super::{guestfile, paths, security, MachinePlan, RuntimeError};
 use crate::definition::{NotifyReady, StopSignal};
 
 /// What kind of init the machine runs; decides the stop signal and whether
@@ -130,8 +130,15 @@ pub fn derived_machine_id(name: &str) -> String {
 }
 
 /// The machine id the guest will see: its own if it has one, else derived.
+/// The guest's file is read as untrusted input (inside its root, regular
+/// file, size-capped).
 pub fn machine_id(plan: &MachinePlan) -> String {
-    let own = fs::read_to_string(plan.definition.root.join("etc/machine-id")).unwrap_or_default();
+    let own = File::open(&plan.definition.root)
+        .ok()
+        .and_then(|root| {
+            guestfile::read_text(root.as_fd(), Path::new("/etc/machine-id"), guestfile::SMALL).ok()
+        })
+        .unwrap_or_default();
     let own = own.trim();
     if own.len() == 32 && own.bytes().all(|b| b.is_ascii_hexdigit()) {
         own.to_owned()
@@ -576,7 +583,11 @@ fn ensure_in_root(
                     nix::fcntl::openat(
                         Some(parent.as_raw_fd()),
                         cname.as_c_str(),
+                        // O_EXCL: a dangling guest symlink is not followed
+                        // (it would create its target on the host).
                         nix::fcntl::OFlag::O_CREAT
+                            | nix::fcntl::OFlag::O_EXCL
+                            | nix::fcntl::OFlag::O_NOFOLLOW
                             | nix::fcntl::OFlag::O_WRONLY
                             | nix::fcntl::OFlag::O_CLOEXEC,
                         nix::sys::stat::Mode::from_bits_truncate(0o644),
@@ -783,18 +794,23 @@ fn set_resolv_conf(plan: &MachinePlan, root: BorrowedFd<'_>) -> Result<(), Runti
     if plan.network.is_none() {
         return Ok(());
     }
-    let etc = plan.machine_dir.join(paths::ROOT_MOUNT).join("etc");
-    let own = match fs::symlink_metadata(etc.join("resolv.conf")) {
-        Ok(meta) => meta.file_type().is_symlink() || meta.len() > 0,
-        Err(_) => false,
+    let Ok(etc) = sys::open_in_root(root, Path::new("/etc"), libc::O_PATH | libc::O_DIRECTORY)
+    else {
+        return Ok(());
     };
-    if own || !etc.is_dir() {
-        return Ok(());
-    }
-    if plan.definition.read_only
-        && sys::open_in_root(root, Path::new("/etc/resolv.conf"), libc::O_PATH).is_err()
-    {
-        return Ok(());
+    match guestfile::entry_kind(etc.as_fd(), "resolv.conf") {
+        None if plan.definition.read_only => return Ok(()),
+        None => {}
+        Some("regular file") => {
+            let empty = guestfile::read(root, Path::new("/etc/resolv.conf"), 1)
+                .map(|d| d.is_empty())
+                .unwrap_or(false);
+            if !empty {
+                return Ok(());
+            }
+        }
+        // A symlink or anything else is the guest's own business.
+        Some(_) => return Ok(()),
     }
     let file = plan
         .machine_dir
@@ -804,25 +820,28 @@ fn set_resolv_conf(plan: &MachinePlan, root: BorrowedFd<'_>) -> Result<(), Runti
 }
 
 /// Gives the guest the machine id of [`machine_id`] when its own
-/// /etc/machine-id is missing or empty, without writing the image.
+/// /etc/machine-id is missing or empty, without writing the image. A guest
+/// symlink there is never followed (nor created through).
 fn set_machine_id(plan: &MachinePlan, root: BorrowedFd<'_>) -> Result<(), RuntimeError> {
-    let current = sys::open_in_root(root, Path::new("/etc/machine-id"), libc::O_RDONLY)
-        .ok()
-        .and_then(|fd| fs::read_to_string(fd_path(fd.as_fd())).ok())
-        .unwrap_or_default();
-    if current.trim().len() == 32 {
+    let Ok(etc) = sys::open_in_root(root, Path::new("/etc"), libc::O_PATH | libc::O_DIRECTORY)
+    else {
         return Ok(());
-    }
-    if sys::open_in_root(root, Path::new("/etc"), libc::O_PATH | libc::O_DIRECTORY).is_err() {
-        return Ok(());
+    };
+    match guestfile::entry_kind(etc.as_fd(), "machine-id") {
+        Some("regular file") => {
+            let current =
+                guestfile::read_text(root, Path::new("/etc/machine-id"), guestfile::SMALL)
+                    .unwrap_or_default();
+            if current.trim().len() == 32 {
+                return Ok(());
+            }
+        }
+        // Nowhere to mount it; the guest gets `container_uuid` instead.
+        None if plan.definition.read_only => return Ok(()),
+        None => {}
+        Some(_) => return Ok(()),
     }
     let file = plan.machine_dir.join(paths::HOST_DIR).join("machine-id");
-    if plan.definition.read_only
-        && sys::open_in_root(root, Path::new("/etc/machine-id"), libc::O_PATH).is_err()
-    {
-        // Nowhere to mount it; the guest gets `container_uuid` instead.
-        return Ok(());
-    }
     bind(root, &file, "/etc/machine-id", false, true)
 }
 

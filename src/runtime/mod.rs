@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod container;
 pub mod enter;
+pub mod guestfile;
 pub mod idrange;
 pub mod protocol;
 pub mod security;
@@ -90,6 +91,8 @@ pub enum RuntimeError {
     NoInit { root: PathBuf, command: String },
     #[error("the container's init failed before exec: {0}")]
     Child(String),
+    #[error(transparent)]
+    GuestFile(#[from] guestfile::GuestFileError),
     #[error(transparent)]
     IdRange(#[from] idrange::IdRangeError),
     #[error(transparent)]

@@ -354,3 +354,15 @@ pub fn close_fds_from(first: RawFd, keep: &[RawFd]) {
         unsafe { libc::close(fd) };
     }
 }
+
+/// Opens the inode behind an `O_PATH` descriptor for I/O, without a new
+/// path lookup (through the descriptor's /proc/self/fd entry).
+pub fn reopen(handle: BorrowedFd<'_>, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let path = CString::new(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "fd path"))?;
+    // SAFETY: open(2) reads the NUL-terminated path; it returns a new fd.
+    let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    check(fd as libc::c_long)?;
+    // SAFETY: a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

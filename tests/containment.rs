@@ -1,0 +1,182 @@
+//! What a guest cannot do: one test per attack, each tried for real from
+//! inside a booted guest as its root (or as an unprivileged host user where
+//! that is the attacker), each asserting that the attack is refused and that
+//! the machine is still usable afterwards. docs/design.md ("What a guest
+//! cannot do, and why") maps each test to the mechanism that stops it.
+
+mod support;
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rmachines::runtime::protocol::MachineState;
+use support::*;
+
+const BOOT: Duration = Duration::from_secs(30);
+const SCRATCH: &str = "/var/tmp/rmachines-contain";
+
+/// A private copy of the busybox fixture that a test may plant things in,
+/// removed on drop.
+struct OwnTree {
+    path: PathBuf,
+}
+
+impl OwnTree {
+    fn new(name: &str) -> OwnTree {
+        let path = Path::new(SCRATCH).join("trees").join(name);
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(fixture("busybox"))
+            .arg(&path)
+            .status()
+            .expect("cp");
+        assert!(status.success(), "copying the busybox fixture");
+        OwnTree { path }
+    }
+}
+
+impl Drop for OwnTree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn boot(def: rmachines::definition::Definition) -> TestMachine {
+    let mut m = TestMachine::launch(def);
+    m.wait_state(MachineState::Running, BOOT);
+    m
+}
+
+/// The machine still answers after an attack.
+fn assert_usable(m: &TestMachine) {
+    assert_eq!(m.sh("echo alive").trim(), "alive");
+}
+
+/// Runs `script` as the guest's root; returns (success, stdout+stderr).
+fn try_sh(m: &TestMachine, script: &str) -> (bool, String) {
+    let out = m.enter("", &["/bin/sh", "-c", script]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The enter primitive without the harness's `expect`: the lookup's error
+/// is the assertion's subject.
+fn try_enter(m: &TestMachine, user: &str, argv: &[&str]) -> Result<std::process::Output, String> {
+    let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+    let mut command =
+        rmachines::runtime::enter::command(helper_binary(), &m.plan, m.leader(), user, &argv, &[])
+            .map_err(|e| e.to_string())?;
+    Ok(command.output().expect("run enter"))
+}
+
+fn guest_init_environment(m: &TestMachine) -> String {
+    let raw = std::fs::read(format!("/proc/{}/environ", m.leader())).unwrap();
+    String::from_utf8_lossy(&raw).replace('\0', "\n")
+}
+
+// ---- guest files are untrusted input ------------------------------------
+
+#[test]
+fn a_guest_machine_id_symlink_does_not_reveal_a_host_file() {
+    let tree = OwnTree::new("mid-link");
+    let secret = Path::new(SCRATCH).join("host-secret-machine-id");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let id = tree.path.join("etc/machine-id");
+    std::fs::remove_file(&id).unwrap();
+    symlink(&secret, &id).unwrap();
+    let m = boot(definition("ct-mid-link", &tree.path));
+    let seen = m.sh("cat /run/host/machine-id");
+    assert!(
+        !seen.contains("0123456789abcdef"),
+        "host file leaked: {seen}"
+    );
+    let env = guest_init_environment(&m);
+    assert!(
+        !env.contains("01234567-89ab-cdef"),
+        "host file leaked into container_uuid: {env}"
+    );
+    assert_usable(&m);
+}
+
+#[test]
+fn a_dangling_guest_machine_id_symlink_creates_nothing_on_the_host() {
+    let tree = OwnTree::new("mid-dangling");
+    let target = Path::new(SCRATCH).join("created-by-guest");
+    let _ = std::fs::remove_file(&target);
+    let id = tree.path.join("etc/machine-id");
+    std::fs::remove_file(&id).unwrap();
+    symlink(&target, &id).unwrap();
+    let m = boot(definition("ct-mid-dangling", &tree.path));
+    assert!(
+        !target.exists(),
+        "setup created {} on the host",
+        target.display()
+    );
+    assert_usable(&m);
+}
+
+#[test]
+fn a_guest_machine_id_device_or_fifo_neither_hangs_nor_exhausts_memory() {
+    let tree = OwnTree::new("mid-dev");
+    let id = tree.path.join("etc/machine-id");
+    std::fs::remove_file(&id).unwrap();
+    nix::sys::stat::mknod(
+        &id,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+        nix::sys::stat::makedev(1, 5), // /dev/zero
+    )
+    .unwrap();
+    let started = Instant::now();
+    let m = boot(definition("ct-mid-dev", &tree.path));
+    assert!(started.elapsed() < BOOT);
+    assert_usable(&m);
+    drop(m);
+    std::fs::remove_file(&id).unwrap();
+    nix::unistd::mkfifo(&id, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let m = boot(definition("ct-mid-fifo", &tree.path));
+    assert_usable(&m);
+}
+
+#[test]
+fn a_fifo_as_the_guest_passwd_does_not_wedge_a_shell() {
+    let tree = OwnTree::new("passwd-fifo");
+    let m = boot(definition("ct-passwd-fifo", &tree.path));
+    m.sh("cp /etc/passwd /etc/passwd.real && rm /etc/passwd && mkfifo /etc/passwd");
+    let started = Instant::now();
+    let err = try_enter(&m, "", &["/bin/true"]).expect_err("a shell ran without a passwd");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the lookup blocked"
+    );
+    assert!(err.contains("FIFO, not a regular file"), "{err}");
+    // Restored from the host side: the machine is still usable.
+    std::fs::remove_file(tree.path.join("etc/passwd")).unwrap();
+    std::fs::rename(
+        tree.path.join("etc/passwd.real"),
+        tree.path.join("etc/passwd"),
+    )
+    .unwrap();
+    assert_usable(&m);
+}
+
+#[test]
+fn a_guest_passwd_uid_outside_the_range_is_refused_at_shell_time() {
+    let tree = OwnTree::new("passwd-range");
+    let m = boot(definition("ct-passwd-range", &tree.path));
+    m.sh("echo 'evil:x:4294967295:0::/:/bin/sh' >> /etc/passwd");
+    m.sh("echo 'evil2:x:70000:0::/:/bin/sh' >> /etc/passwd");
+    for user in ["evil", "evil2"] {
+        let err = try_enter(&m, user, &["/bin/id", "-u"]).expect_err("ran out of range");
+        assert!(err.contains("outside the machine's id range"), "{err}");
+    }
+    assert_usable(&m);
+}
