@@ -180,3 +180,88 @@ fn a_guest_passwd_uid_outside_the_range_is_refused_at_shell_time() {
     }
     assert_usable(&m);
 }
+
+// ---- device policy ----------------------------------------------------------
+
+/// The host's root file system's block device, as major:minor.
+fn host_root_device() -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata("/").unwrap().dev();
+    (nix::sys::stat::major(dev), nix::sys::stat::minor(dev))
+}
+
+#[test]
+fn a_block_device_node_in_the_tree_is_dead_even_after_a_remount() {
+    let tree = OwnTree::new("blockdev");
+    let (major, minor) = host_root_device();
+    nix::sys::stat::mknod(
+        &tree.path.join("srv/disk"),
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(major, minor),
+    )
+    .unwrap();
+    let m = boot(definition("ct-blockdev", &tree.path));
+    let read = "head -c 512 /srv/disk 2>/dev/null | wc -c";
+    assert_eq!(m.sh(read).trim(), "0", "read the host disk");
+    // Guest root clears nodev where it can: the device policy still holds.
+    let (_, out) = try_sh(
+        &m,
+        "mount -o remount,bind,dev /; grep ' / / ' /proc/self/mountinfo",
+    );
+    eprintln!("after the remount attempt: {out}");
+    assert_eq!(m.sh(read).trim(), "0", "read the host disk after a remount");
+    let (_, out) = try_sh(&m, "head -c 1 /srv/disk 2>&1 >/dev/null");
+    assert!(
+        out.contains("not permitted") || out.contains("denied"),
+        "{out}"
+    );
+    // Its own /dev still works.
+    assert_eq!(m.sh("head -c 4 /dev/zero | wc -c").trim(), "4");
+    assert_usable(&m);
+}
+
+#[test]
+fn the_device_policy_is_enforced_by_the_kernel_on_this_host() {
+    // The program alone, on a scratch cgroup of the unified hierarchy: on a
+    // hybrid host too, the kernel runs it for a task's default-hierarchy
+    // cgroup.
+    require_root();
+    let cgroup = rmachines::runtime::cgroup::cgroup2_mount()
+        .unwrap()
+        .join(format!("rmachines-contain-devtest-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let dir = std::fs::File::open(&cgroup).unwrap();
+    rmachines::runtime::devices::restrict(std::os::fd::AsFd::as_fd(&dir), &[]).unwrap();
+    let (major, minor) = host_root_device();
+    let node = Path::new(SCRATCH).join(format!("disk-{}", std::process::id()));
+    let _ = std::fs::remove_file(&node);
+    std::fs::create_dir_all(SCRATCH).unwrap();
+    nix::sys::stat::mknod(
+        &node,
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(major, minor),
+    )
+    .unwrap();
+    let script = format!(
+        "echo $$ > {}/cgroup.procs; head -c 1 /dev/null && echo null-ok; head -c 1 {} >/dev/null",
+        cgroup.display(),
+        node.display()
+    );
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&node);
+    let _ = std::fs::remove_dir(&cgroup);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("null-ok"), "{stdout}{stderr}");
+    assert!(
+        !out.status.success(),
+        "host root read the disk inside the policy"
+    );
+    assert!(stderr.contains("not permitted"), "{stderr}");
+}

@@ -20,7 +20,7 @@ use nix::sys::socket::{
 };
 
 use super::sys::{self, Forked};
-use super::{guestfile, paths, security, MachinePlan, RuntimeError};
+use super::{devices, guestfile, paths, security, MachinePlan, RuntimeError};
 use crate::definition::{NotifyReady, StopSignal};
 
 /// What kind of init the machine runs; decides the stop signal and whether
@@ -165,6 +165,7 @@ pub fn spawn(plan: &MachinePlan, res: &BootResources<'_>) -> Result<Container, R
         "opening cgroup {}",
         plan.cgroup.display()
     )))?;
+    devices::restrict(cgroup_dir.as_fd(), &plan.definition.devices)?;
     let (parent_sock, child_sock) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -297,7 +298,9 @@ fn idmapped_tree(
         "cloning the mount tree of {}",
         path.display()
     )))?;
-    let mut attrs = libc::MOUNT_ATTR_IDMAP;
+    // Device nodes in a guest tree (an imported image can carry any) are
+    // never live; the device policy refuses them anyway.
+    let mut attrs = libc::MOUNT_ATTR_IDMAP | libc::MOUNT_ATTR_NODEV;
     if read_only {
         attrs |= libc::MOUNT_ATTR_RDONLY;
     }
@@ -393,7 +396,7 @@ fn child_main(
 
     mount_proc(root)?;
     mount_sys(root)?;
-    mount_dev(root, res.console_slave)?;
+    mount_dev(root, res.console_slave, &plan.definition.devices)?;
     mount_run(root, res.host_dir)?;
     set_machine_id(plan, root)?;
     set_resolv_conf(plan, root)?;
@@ -527,7 +530,7 @@ fn mount_root(plan: &MachinePlan, tree: OwnedFd, new_root: &Path) -> Result<(), 
         Some("overlay"),
         &merged,
         Some("overlay"),
-        MsFlags::empty(),
+        MsFlags::MS_NODEV,
         Some(options.as_str()),
     )
     .map_err(mount_err("mounting the ephemeral overlay".into()))?;
@@ -732,7 +735,11 @@ fn mount_sys(root: BorrowedFd<'_>) -> Result<(), RuntimeError> {
         .or_else(|_| mount_fs(root, "/sys/fs/cgroup", "cgroup2", SAFE, None))
 }
 
-fn mount_dev(root: BorrowedFd<'_>, console_slave: &Path) -> Result<(), RuntimeError> {
+fn mount_dev(
+    root: BorrowedFd<'_>,
+    console_slave: &Path,
+    allowed: &[PathBuf],
+) -> Result<(), RuntimeError> {
     mount_fs(
         root,
         "/dev",
@@ -759,6 +766,10 @@ fn mount_dev(root: BorrowedFd<'_>, console_slave: &Path) -> Result<(), RuntimeEr
     mount_fs(root, "/dev/shm", "tmpfs", SAFE, Some("mode=1777"))?;
     mount_fs(root, "/dev/mqueue", "mqueue", SAFE, None)?;
     bind(root, console_slave, "/dev/console", false, false)?;
+    for node in allowed {
+        let target = node.to_string_lossy();
+        bind(root, node, &target, false, false)?;
+    }
     let dev = sys::open_in_root(root, Path::new("/dev"), libc::O_DIRECTORY | libc::O_RDONLY)
         .map_err(RuntimeError::io("opening /dev"))?;
     for (link, target) in [

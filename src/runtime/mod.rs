@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod devices;
 pub mod enter;
 pub mod guestfile;
 pub mod idrange;
