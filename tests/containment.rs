@@ -265,3 +265,136 @@ fn the_device_policy_is_enforced_by_the_kernel_on_this_host() {
     );
     assert!(stderr.contains("not permitted"), "{stderr}");
 }
+
+// ---- locked mount flags -----------------------------------------------------
+
+/// The per-mount options of the guest's mount at `path` (mountinfo field 6).
+fn mount_options(m: &TestMachine, path: &str) -> String {
+    let info = m.sh("cat /proc/self/mountinfo");
+    info.lines()
+        .filter(|l| l.split_whitespace().nth(4) == Some(path))
+        .last()
+        .and_then(|l| l.split_whitespace().nth(5).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no mount at {path} in the guest:\n{info}"))
+}
+
+fn has_flag(options: &str, flag: &str) -> bool {
+    options.split(',').any(|o| o == flag)
+}
+
+/// Every restrictive flag rmachines sets on a mount survives guest root's
+/// bind remount and plain remount.
+#[test]
+fn guest_root_cannot_clear_the_flags_rmachines_sets() {
+    let m = boot(definition("ct-flags", &fixture("busybox")));
+    let mounts = [
+        ("/", &["nodev"][..]),
+        ("/proc", &["nosuid", "nodev", "noexec"][..]),
+        ("/proc/sys", &["ro", "nosuid", "nodev", "noexec"][..]),
+        ("/sys", &["ro", "nosuid", "nodev", "noexec"][..]),
+        ("/sys/fs/cgroup", &["nosuid", "nodev", "noexec"][..]),
+        ("/dev", &["nosuid", "noexec"][..]),
+        ("/dev/pts", &["nosuid", "noexec"][..]),
+        ("/dev/shm", &["nosuid", "nodev", "noexec"][..]),
+        ("/dev/mqueue", &["nosuid", "nodev", "noexec"][..]),
+        ("/run", &["nosuid", "nodev"][..]),
+        ("/run/host", &["ro", "nosuid", "nodev", "noexec"][..]),
+    ];
+    for (path, flags) in mounts {
+        let before = mount_options(&m, path);
+        for flag in flags {
+            assert!(has_flag(&before, flag), "{path} lacks {flag}: {before}");
+        }
+        let (ok_bind, out_bind) = try_sh(
+            &m,
+            &format!("mount -o remount,bind,rw,suid,dev,exec {path}"),
+        );
+        let (_, out_plain) = try_sh(&m, &format!("mount -o remount,rw,suid,dev,exec {path}"));
+        let after = mount_options(&m, path);
+        for flag in flags {
+            assert!(
+                has_flag(&after, flag),
+                "guest root cleared {flag} on {path}: {after} (bind remount ok={ok_bind}: {out_bind}; plain: {out_plain})"
+            );
+        }
+    }
+    // The masks and read-only views over /proc cannot be written through.
+    let (ok, _) = try_sh(&m, "echo 1 > /proc/sys/kernel/sysrq");
+    assert!(!ok, "wrote /proc/sys");
+    assert_usable(&m);
+}
+
+#[test]
+fn a_read_only_root_and_read_only_binds_stay_read_only() {
+    let tree = OwnTree::new("ro");
+    let shared = Path::new(SCRATCH).join("ro-bind");
+    std::fs::create_dir_all(&shared).unwrap();
+    let mut def = definition("ct-ro", &tree.path);
+    def.read_only = true;
+    def.binds.push(rmachines::definition::Bind {
+        source: shared.clone(),
+        target: PathBuf::from("/srv/shared"),
+        read_only: true,
+    });
+    let m = boot(def);
+    for (path, probe) in [("/", "/etc/pwned"), ("/srv/shared", "/srv/shared/pwned")] {
+        let script = format!(
+            "mount -o remount,bind,rw {path}; mount -o remount,rw {path}; echo x > {probe}"
+        );
+        let (ok, out) = try_sh(&m, &script);
+        assert!(!ok, "wrote {probe} after remounting {path}: {out}");
+        assert!(has_flag(&mount_options(&m, path), "ro"));
+        // A new bind of it inherits the lock (or is refused outright).
+        let script = format!(
+            "mkdir -p /run/over && mount --rbind {path} /run/over || {{ echo refused; exit 0; }}; mount -o remount,bind,rw /run/over; echo x > /run/over/pwned-by-bind"
+        );
+        let (ok, out) = try_sh(&m, &script);
+        assert!(
+            !ok || out.contains("refused"),
+            "wrote through a new bind of {path}: {out}"
+        );
+        let _ = try_sh(&m, "umount /run/over");
+    }
+    assert!(!tree.path.join("etc/pwned").exists());
+    assert!(!shared.join("pwned").exists());
+    assert!(!shared.join("pwned-by-bind").exists());
+    assert_usable(&m);
+}
+
+#[test]
+fn guest_root_cannot_umount_to_reveal_what_lies_below() {
+    let m = boot(definition("ct-umount", &fixture("busybox")));
+    for path in [
+        "/proc/kcore",
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+        "/run/host",
+        "/dev/console",
+        "/sys/fs/cgroup",
+        "/dev/shm",
+    ] {
+        let present = m.sh(&format!("grep -c ' {path} ' /proc/self/mountinfo || true"));
+        if present.trim() == "0" {
+            continue;
+        }
+        let (ok, out) = try_sh(&m, &format!("umount {path} || umount -l {path}"));
+        assert!(!ok, "guest root unmounted {path}: {out}");
+    }
+    // Nor mount a fresh proc or sysfs without the masks and read-only views.
+    for (fstype, target) in [("proc", "/mnt"), ("sysfs", "/mnt")] {
+        let (ok, out) = try_sh(
+            &m,
+            &format!(
+                "mount -t {fstype} {fstype} {target} && grep ' {target} ' /proc/self/mountinfo"
+            ),
+        );
+        if ok {
+            assert!(
+                out.contains(" ro,") && fstype == "sysfs",
+                "a fresh {fstype} was mounted writable: {out}"
+            );
+            let _ = try_sh(&m, &format!("umount {target}"));
+        }
+    }
+    assert_usable(&m);
+}

@@ -464,3 +464,25 @@ pub fn attach_device_program(cgroup: BorrowedFd<'_>, insns: &[BpfInsn]) -> io::R
     };
     check(ret).map(|_| ())
 }
+
+/// `setns(2)` with a namespace descriptor.
+pub fn setns(ns: BorrowedFd<'_>, nstype: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid descriptor.
+    let ret = unsafe { libc::setns(ns.as_raw_fd(), nstype) };
+    check(ret as libc::c_long).map(|_| ())
+}
+
+/// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`: a new anonymous session
+/// keyring of the calling process's own, instead of the inherited one.
+pub fn join_new_session_keyring() -> io::Result<()> {
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: a null name asks for a new anonymous keyring.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        )
+    };
+    check(ret).map(|_| ())
+}
