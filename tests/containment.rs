@@ -398,3 +398,134 @@ fn guest_root_cannot_umount_to_reveal_what_lies_below() {
     }
     assert_usable(&m);
 }
+
+// ---- seccomp and keyring ------------------------------------------------------
+
+/// A static x86-64 ELF whose code is `code`.
+fn elf64(code: &[u8]) -> Vec<u8> {
+    let base: u64 = 0x40_0000;
+    let total = (64 + 56 + code.len()) as u64;
+    let mut f = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    f.extend(2u16.to_le_bytes()); // ET_EXEC
+    f.extend(0x3eu16.to_le_bytes()); // x86-64
+    f.extend(1u32.to_le_bytes());
+    f.extend((base + 120).to_le_bytes()); // entry
+    f.extend(64u64.to_le_bytes()); // phoff
+    f.extend(0u64.to_le_bytes());
+    f.extend(0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 0, 0, 0] {
+        f.extend(v.to_le_bytes());
+    }
+    f.extend(1u32.to_le_bytes()); // PT_LOAD
+    f.extend(5u32.to_le_bytes()); // R+X
+    f.extend(0u64.to_le_bytes());
+    f.extend(base.to_le_bytes());
+    f.extend(base.to_le_bytes());
+    f.extend(total.to_le_bytes());
+    f.extend(total.to_le_bytes());
+    f.extend(0x1000u64.to_le_bytes());
+    f.extend(code);
+    f
+}
+
+/// A static i386 ELF whose code is `code`.
+fn elf32(code: &[u8]) -> Vec<u8> {
+    let base: u32 = 0x0804_8000;
+    let total = (52 + 32 + code.len()) as u32;
+    let mut f = vec![0x7f, b'E', b'L', b'F', 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    f.extend(2u16.to_le_bytes());
+    f.extend(3u16.to_le_bytes()); // i386
+    f.extend(1u32.to_le_bytes());
+    f.extend((base + 84).to_le_bytes());
+    f.extend(52u32.to_le_bytes());
+    f.extend(0u32.to_le_bytes());
+    f.extend(0u32.to_le_bytes());
+    for v in [52u16, 32, 1, 0, 0, 0] {
+        f.extend(v.to_le_bytes());
+    }
+    for v in [1u32, 0, base, base, total, total, 5, 0x1000] {
+        f.extend(v.to_le_bytes());
+    }
+    f.extend(code);
+    f
+}
+
+/// x86-64: `syscall(nr, a1, a2, 0)`, then exit with its errno (0 on success).
+fn call64(nr: u32, a1: u32, a2: u32) -> Vec<u8> {
+    let mut c = vec![0xb8];
+    c.extend(nr.to_le_bytes());
+    c.push(0xbf);
+    c.extend(a1.to_le_bytes());
+    c.push(0xbe);
+    c.extend(a2.to_le_bytes());
+    c.extend([0x31, 0xd2, 0x0f, 0x05]); // xor edx,edx; syscall
+    c.extend([
+        0x48, 0x85, 0xc0, 0x79, 0x04, 0xf7, 0xd8, 0xeb, 0x02, 0x31, 0xc0,
+    ]);
+    c.extend([0x89, 0xc7, 0xb8, 60, 0, 0, 0, 0x0f, 0x05]); // exit(eax)
+    c
+}
+
+/// i386: `int 0x80` call `nr(a1, a2, 0)`, then exit with its errno.
+fn call32(nr: u32, a1: u32, a2: u32) -> Vec<u8> {
+    let mut c = vec![0xb8];
+    c.extend(nr.to_le_bytes());
+    c.push(0xbb);
+    c.extend(a1.to_le_bytes());
+    c.push(0xb9);
+    c.extend(a2.to_le_bytes());
+    c.extend([0x31, 0xd2, 0xcd, 0x80]); // xor edx,edx; int 0x80
+    c.extend([0x85, 0xc0, 0x79, 0x04, 0xf7, 0xd8, 0xeb, 0x02, 0x31, 0xc0]);
+    c.extend([0x89, 0xc3, 0xb8, 1, 0, 0, 0, 0xcd, 0x80]); // exit(eax)
+    c
+}
+
+const KEY_SPEC_SESSION_KEYRING: u32 = -3i32 as u32;
+
+#[test]
+fn the_keyring_bpf_and_perf_are_refused_in_every_abi_and_i386_works() {
+    use std::os::unix::fs::PermissionsExt;
+    let tree = OwnTree::new("seccomp");
+    let programs: [(&str, Vec<u8>, i32); 6] = [
+        // keyctl(KEYCTL_GET_KEYRING_ID, session): refused, EPERM
+        (
+            "keyctl64",
+            elf64(&call64(250, 0, KEY_SPEC_SESSION_KEYRING)),
+            libc::EPERM,
+        ),
+        // add_key / request_key with bad pointers: refused before the kernel looks
+        ("request_key64", elf64(&call64(249, 0, 0)), libc::EPERM),
+        ("perf64", elf64(&call64(298, 0, 0)), libc::EPERM),
+        // i386 is filtered like native, not killed: getpid works...
+        ("getpid32", elf32(&call32(20, 0, 0)), 0),
+        // ...and keyctl (i386 number 288) is refused there too
+        (
+            "keyctl32",
+            elf32(&call32(288, 0, KEY_SPEC_SESSION_KEYRING)),
+            libc::EPERM,
+        ),
+        // x32 (getpid with __X32_SYSCALL_BIT): denied
+        ("x32", elf64(&call64(0x4000_0000 | 39, 0, 0)), libc::ENOSYS),
+    ];
+    for (name, bytes, _) in &programs {
+        let path = tree.path.join("bin").join(name);
+        std::fs::write(&path, bytes).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let m = boot(definition("ct-seccomp", &tree.path));
+    for (name, _, errno) in &programs {
+        let out = try_enter(&m, "", &[&format!("/bin/{name}")]).unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(*errno),
+            "{name}: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Init too runs under the filter, with a session keyring not the
+    // daemon's: the host's keyring is out of reach either way.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", m.leader())).unwrap();
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert_usable(&m);
+}

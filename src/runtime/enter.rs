@@ -299,6 +299,9 @@ fn exec_as_user(spec: &EnterSpec, program: &seccompiler::BpfProgram) -> RuntimeE
             .map_err(errno("setresgid"))?;
         nix::unistd::setresuid(user.uid.into(), user.uid.into(), user.uid.into())
             .map_err(errno("setresuid"))?;
+        // A session keyring of its own, not the daemon's.
+        sys::join_new_session_keyring()
+            .map_err(RuntimeError::io("joining a new session keyring"))?;
         if nix::unistd::chdir(Path::new(&user.home)).is_err() {
             nix::unistd::chdir("/").map_err(errno("chdir /"))?;
         }
