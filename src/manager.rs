@@ -170,6 +170,10 @@ impl Manager {
     pub async fn with_helper(config: ManagerConfig, helper: PathBuf) -> Result<Self, ManagerError> {
         for dir in [&config.state_dir, &config.storage_dir] {
             std::fs::create_dir_all(dir).map_err(io_err(&format!("creating {}", dir.display())))?;
+            // Machine state, consoles and writable layers are root's alone.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(&format!("chmod 0700 {}", dir.display())))?;
         }
         let (events, _) = broadcast::channel(4096);
         let manager = Manager {

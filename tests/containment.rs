@@ -28,6 +28,7 @@ impl OwnTree {
         let path = Path::new(SCRATCH).join("trees").join(name);
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        close_scratch();
         let status = Command::new("cp")
             .arg("-a")
             .arg(fixture("busybox"))
@@ -43,6 +44,12 @@ impl Drop for OwnTree {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// Machine roots live where host users cannot reach them.
+fn close_scratch() {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(SCRATCH, std::fs::Permissions::from_mode(0o700)).unwrap();
 }
 
 fn boot(def: rmachines::definition::Definition) -> TestMachine {
@@ -527,5 +534,111 @@ fn the_keyring_bpf_and_perf_are_refused_in_every_abi_and_i386_works() {
     // daemon's: the host's keyring is out of reach either way.
     let status = std::fs::read_to_string(format!("/proc/{}/status", m.leader())).unwrap();
     assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert_usable(&m);
+}
+
+// ---- no host-exposed guest trees ----------------------------------------------
+
+#[test]
+fn a_reachable_root_is_refused_with_the_directory_to_chmod() {
+    use std::os::unix::fs::PermissionsExt;
+    let open = Path::new("/var/tmp/rmachines-contain-open");
+    let _ = std::fs::remove_dir_all(open);
+    std::fs::create_dir_all(open).unwrap();
+    std::fs::set_permissions(open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = open.join("web");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(fixture("busybox"))
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut m = TestMachine::launch(definition("ct-exposed", &root));
+    let status = m.wait_state(MachineState::Failed, BOOT);
+    assert!(
+        status
+            .error
+            .contains("reachable by unprivileged host users")
+            && status
+                .error
+                .contains(&format!("chmod 0700 {}", open.display())),
+        "{}",
+        status.error
+    );
+    drop(m);
+    // The opt-out boots it.
+    let mut def = definition("ct-exposed-ok", &root);
+    def.allow_exposed_root = true;
+    let m = boot(def);
+    assert_usable(&m);
+    drop(m);
+    let _ = std::fs::remove_dir_all(open);
+}
+
+#[test]
+fn a_guest_setuid_file_is_out_of_reach_of_host_users() {
+    let tree = OwnTree::new("setuid");
+    let m = boot(definition("ct-setuid", &tree.path));
+    m.sh("cp /bin/busybox /srv/suid && chmod 4755 /srv/suid");
+    // The attacker: an unprivileged host user.
+    let out = {
+        use std::os::unix::process::CommandExt;
+        Command::new(tree.path.join("srv/suid"))
+            .args(["id", "-u"])
+            .uid(65534)
+            .gid(65534)
+            .output()
+    };
+    match out {
+        Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}"),
+        Ok(out) => panic!(
+            "a host user ran the guest's setuid file: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        ),
+    }
+    assert_usable(&m);
+}
+
+// ---- console log and host files -------------------------------------------------
+
+#[test]
+fn a_guest_flooding_its_console_fills_no_more_than_the_cap() {
+    use std::os::unix::fs::PermissionsExt;
+    let m = boot(definition("ct-console", &fixture("busybox")));
+    let dir = &m.plan.machine_dir;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(dir), 0o700, "machine directory");
+    assert_eq!(mode(&dir.join("console.log")), 0o600, "console log");
+    // 3 x the cap through the console.
+    let cap = rmachines::runtime::supervisor::CONSOLE_LOG_MAX;
+    let blocks = 3 * cap / 65536;
+    m.sh(&format!(
+        "dd if=/dev/zero bs=65536 count={blocks} 2>/dev/null | tr '\\0' x > /dev/console"
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    let log = std::fs::metadata(dir.join("console.log")).unwrap().len();
+    let rotated = std::fs::metadata(dir.join("console.log.1"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(
+        log <= cap && rotated <= cap,
+        "log {log}, rotated {rotated}, cap {cap}"
+    );
+    assert!(rotated > 0, "never rotated");
+    assert_eq!(mode(&dir.join("console.log.1")), 0o600);
+    // The notify socket is the guest root's alone.
+    let notify = dir.join("host/notify");
+    assert_eq!(mode(&notify), 0o600);
+    let (ok, _) = {
+        let out = try_enter(
+            &m,
+            "user",
+            &["/bin/sh", "-c", "echo READY=1 | nc -U -u /run/host/notify"],
+        );
+        (out.map(|o| o.status.success()).unwrap_or(false), ())
+    };
+    assert!(!ok, "a guest user could write the notify socket");
     assert_usable(&m);
 }

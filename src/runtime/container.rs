@@ -81,6 +81,33 @@ pub fn inspect_init(plan: &MachinePlan) -> Result<InitKind, RuntimeError> {
     })
 }
 
+/// Refuses a root that an unprivileged host user can reach: guest uid 0 is
+/// on-disk uid 0, so a setuid file the guest makes is a setuid-root file of
+/// the host. Reachable means every directory from `/` down to the root can
+/// be searched by others (or by a group other than root's).
+pub fn check_root_not_exposed(root: &Path) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::MetadataExt;
+    let real = fs::canonicalize(root).map_err(RuntimeError::io(format!(
+        "resolving machine root {}",
+        root.display()
+    )))?;
+    for dir in real.ancestors() {
+        let meta =
+            fs::metadata(dir).map_err(RuntimeError::io(format!("reading {}", dir.display())))?;
+        let others = meta.mode() & 0o001 != 0;
+        let group = meta.mode() & 0o010 != 0 && meta.gid() != 0;
+        if !others && !group {
+            return Ok(());
+        }
+    }
+    let suggest = real.parent().unwrap_or(&real).to_path_buf();
+    Err(RuntimeError::ExposedRoot {
+        root: root.to_owned(),
+        open: real,
+        suggest,
+    })
+}
+
 /// The signal that shuts this init down.
 pub fn stop_signal(kind: InitKind, configured: StopSignal, boot: bool) -> libc::c_int {
     match configured {
@@ -161,6 +188,9 @@ fn uuid_form(id: &str) -> String {
 /// below). It hands the copy to init (setns) and exits.
 pub fn spawn(plan: &MachinePlan, res: &BootResources<'_>) -> Result<Container, RuntimeError> {
     inspect_init(plan)?;
+    if !plan.definition.allow_exposed_root {
+        check_root_not_exposed(&plan.definition.root)?;
+    }
     let cgroup_dir = File::open(&plan.cgroup).map_err(RuntimeError::io(format!(
         "opening cgroup {}",
         plan.cgroup.display()
@@ -1196,6 +1226,28 @@ mod tests {
             stop_signal(InitKind::Busybox, StopSignal::Signal(9), true),
             9
         );
+    }
+
+    #[test]
+    fn a_root_under_a_closed_directory_is_not_exposed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("machines/web");
+        fs::create_dir_all(&root).unwrap();
+        let mode = |p: &Path, m| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+        mode(dir.path(), 0o755);
+        mode(&dir.path().join("machines"), 0o755);
+        if dir
+            .path()
+            .ancestors()
+            .skip(1)
+            .all(|a| fs::metadata(a).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+        {
+            let err = check_root_not_exposed(&root).unwrap_err();
+            assert!(err.to_string().contains("chmod 0700"), "{err}");
+        }
+        mode(&dir.path().join("machines"), 0o700);
+        check_root_not_exposed(&root).unwrap();
     }
 
     #[test]

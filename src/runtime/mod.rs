@@ -48,6 +48,8 @@ pub mod paths {
     pub const STATE: &str = "state.json";
     pub const CONTROL: &str = "control";
     pub const CONSOLE_LOG: &str = "console.log";
+    /// The previous console log, after one rotation.
+    pub const CONSOLE_LOG_ROTATED: &str = "console.log.1";
     pub const SUPERVISOR_LOG: &str = "supervisor.log";
     /// Bind-mounted read-only at `/run/host` in the guest.
     pub const HOST_DIR: &str = "host";
@@ -90,6 +92,12 @@ pub enum RuntimeError {
     },
     #[error("machine root {root} has no executable {command} (the machine's command[0]); install an init there or set `command` in the definition")]
     NoInit { root: PathBuf, command: String },
+    #[error("machine root {root} is reachable by unprivileged host users ({open} and every directory above it can be searched by others), so a setuid file the guest makes would be theirs to run; run `chmod 0700 {suggest}` (a directory that holds the root), or set `allow_exposed_root = true` in the definition if every host user may be trusted with that")]
+    ExposedRoot {
+        root: PathBuf,
+        open: PathBuf,
+        suggest: PathBuf,
+    },
     #[error("the container's init failed before exec: {0}")]
     Child(String),
     #[error(transparent)]
