@@ -642,3 +642,44 @@ fn a_guest_flooding_its_console_fills_no_more_than_the_cap() {
     assert!(!ok, "a guest user could write the notify socket");
     assert_usable(&m);
 }
+
+// ---- uid ranges -----------------------------------------------------------------
+
+#[test]
+fn a_picked_range_avoids_ids_host_processes_run_with() {
+    use rmachines::runtime::idrange::{assign_range, release_range, HostIdFiles};
+    use std::os::unix::process::CommandExt;
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "").unwrap();
+    let host = HostIdFiles {
+        passwd: empty.clone(),
+        group: empty.clone(),
+        subuid: empty.clone(),
+        subgid: empty,
+    };
+    let storage = dir.path().join("storage");
+    let users = rmachines::definition::Users {
+        base: rmachines::definition::UidBase::Pick,
+        size: 65536,
+    };
+    let name = "ct-range-probe";
+    let natural = assign_range(&storage, name, &users, &host).unwrap();
+    release_range(&storage, name).unwrap();
+    // Another container manager's process runs in that range, unrecorded.
+    let mut squatter = Command::new("sleep")
+        .arg("30")
+        .uid(natural.base + 1000)
+        .gid(natural.base + 1000)
+        .spawn()
+        .unwrap();
+    let picked = assign_range(&storage, name, &users, &host);
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    let picked = picked.unwrap();
+    assert_ne!(
+        picked.base, natural.base,
+        "picked a range a host process runs in"
+    );
+}
