@@ -68,8 +68,14 @@ fn run_quiet(command: &mut Command) -> std::process::ExitStatus {
 /// trees the tests use.
 fn bench_tree(kind: &str) -> PathBuf {
     let dest = Path::new("/var/tmp/rmachines-bench").join(kind);
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    // rmachined refuses a root unprivileged host users can reach.
+    std::fs::set_permissions(
+        dest.parent().unwrap(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     if !dest.is_dir() {
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
         let status = run_quiet(
             Command::new("cp")
                 .arg("-a")

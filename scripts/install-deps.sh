@@ -2,7 +2,8 @@
 # Installs the Debian packages rmachines' build and tests need (Debian 12).
 set -euo pipefail
 # qemu-system-x86, qemu-utils, e2fsprogs: the VM test bed (scripts/vm/run.sh).
-packages=(busybox-static mmdebstrap dbus iproute2 nftables systemd-container uidmap util-linux procps rpm
+# libseccomp-dev, pkg-config: the seccomp filter (libseccomp crate).
+packages=(busybox-static libseccomp-dev pkg-config mmdebstrap dbus iproute2 nftables systemd-container uidmap util-linux procps rpm
 	qemu-system-x86 qemu-utils e2fsprogs)
 missing=()
 for p in "${packages[@]}"; do

@@ -34,6 +34,15 @@ pub struct Definition {
     pub network: Network,
     pub resources: Resources,
     pub binds: Vec<Bind>,
+    /// Host device nodes (`[devices] allow`) the machine may open besides
+    /// its default /dev: bound at the same path and let through the
+    /// machine's device policy.
+    #[serde(default)]
+    pub devices: Vec<PathBuf>,
+    /// `allow_exposed_root`: boot even when unprivileged host users can
+    /// reach the root (its setuid files would be theirs to run).
+    #[serde(default)]
+    pub allow_exposed_root: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -543,6 +552,14 @@ struct RawDefinition {
     network: Option<RawNetwork>,
     resources: Option<RawResources>,
     bind: Option<Vec<RawBind>>,
+    devices: Option<RawDevices>,
+    allow_exposed_root: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevices {
+    allow: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -868,6 +885,12 @@ fn parse_with_spans(
         .flatten()
         .map(|bind| parse_bind(&src, bind))
         .collect::<Result<Vec<_>, _>>()?;
+    let devices = raw
+        .devices
+        .iter()
+        .flat_map(|d| d.allow.iter().flatten())
+        .map(|path| parse_device(&src, path))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let definition = Definition {
         name: name.to_string(),
@@ -888,6 +911,8 @@ fn parse_with_spans(
         network,
         resources,
         binds,
+        devices,
+        allow_exposed_root: raw.allow_exposed_root.unwrap_or(false),
     };
     Ok((definition, root_raw.span()))
 }
@@ -1364,6 +1389,35 @@ fn parse_bind(src: &Source<'_>, raw: &RawBind) -> Result<Bind, DefinitionError> 
     })
 }
 
+/// A `[devices] allow` entry: a device path under /dev, kept as written.
+fn parse_device(src: &Source<'_>, raw: &Spanned<String>) -> Result<PathBuf, DefinitionError> {
+    let path = absolute_path(src, raw, "devices.allow")?;
+    let under_dev = path
+        .strip_prefix("/dev")
+        .is_ok_and(|rest| !rest.as_os_str().is_empty());
+    if !under_dev || has_dotdot(&path) || raw.get_ref().contains("//") {
+        return Err(src.spanned(
+            raw,
+            "devices.allow",
+            format!(
+                "{:?} must be a device path under /dev, e.g. \"/dev/fuse\"",
+                raw.get_ref()
+            ),
+        ));
+    }
+    if path.starts_with("/dev/pts") || path == Path::new("/dev/console") {
+        return Err(src.spanned(
+            raw,
+            "devices.allow",
+            format!(
+                "{:?} is the machine's own; it cannot be allowed from the host",
+                raw.get_ref()
+            ),
+        ));
+    }
+    Ok(path)
+}
+
 // ---------------------------------------------------------------------------
 // Loading from disk
 // ---------------------------------------------------------------------------
@@ -1579,6 +1633,8 @@ read_only = false
                 tasks: Some(512),
                 ..Resources::default()
             },
+            devices: Vec::new(),
+            allow_exposed_root: false,
             binds: vec![Bind {
                 source: "/srv/web".into(),
                 target: "/srv/web".into(),
@@ -1889,6 +1945,35 @@ cpus = 2
         expect_error(&bind("/srv", "srv"), 7, "bind.target");
         expect_error(&bind("/srv", "/"), 7, "bind.target");
         expect_error(&bind("/srv", "/srv/../etc"), 7, "bind.target");
+    }
+
+    #[test]
+    fn devices_are_paths_under_dev() {
+        let def = parse(&with_root(
+            "allow_exposed_root = true\n[devices]\nallow = [\"/dev/fuse\", \"/dev/net/tun\"]\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            def.devices,
+            vec![PathBuf::from("/dev/fuse"), PathBuf::from("/dev/net/tun")]
+        );
+        assert!(def.allow_exposed_root);
+        for bad in [
+            "fuse",
+            "/dev",
+            "/dev/",
+            "/etc/fuse",
+            "/dev/../sda",
+            "/dev/pts/0",
+            "/dev/console",
+        ] {
+            expect_error(
+                &with_root(&format!("[devices]\nallow = [\"{bad}\"]\n")),
+                3,
+                "devices.allow",
+            );
+        }
+        expect_error(&with_root("[devices]\nnodes = []\n"), 3, "devices.nodes");
     }
 
     #[test]

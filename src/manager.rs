@@ -17,7 +17,10 @@ use crate::definition::{load_dir, validate_name, Definition};
 use crate::network::{self, NetworkConfig};
 use crate::runtime::idrange::{self, HostIdFiles};
 use crate::runtime::protocol::{now_usec, Command, Status};
-use crate::runtime::{self, cgroup, enter, paths, supervisor, MachinePlan};
+use crate::runtime::{self, cgroup, enter, paths, supervisor, MachinePlan, RuntimeError};
+
+/// How long a shell waits for the guest's account files.
+const GUEST_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub use crate::runtime::protocol::MachineState;
 
@@ -173,6 +176,10 @@ impl Manager {
     pub async fn with_helper(config: ManagerConfig, helper: PathBuf) -> Result<Self, ManagerError> {
         for dir in [&config.state_dir, &config.storage_dir] {
             std::fs::create_dir_all(dir).map_err(io_err(&format!("creating {}", dir.display())))?;
+            // Machine state, consoles and writable layers are root's alone.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(&format!("chmod 0700 {}", dir.display())))?;
         }
         let (events, _) = broadcast::channel(4096);
         let manager = Manager {
@@ -621,7 +628,27 @@ impl Manager {
                 _ => return Err(ManagerError::NotRunning(name.to_owned())),
             }
         };
-        let guest_user = enter::resolve_user(leader as i32, user).map_err(|err| match err {
+        // The guest's passwd is untrusted: read off the async workers, with
+        // a deadline, and its ids checked against the machine's range.
+        let lookup = {
+            let (user, size) = (user.to_owned(), plan.ids.size);
+            tokio::task::spawn_blocking(move || {
+                let found = enter::resolve_user(leader as i32, &user)?;
+                enter::check_ids(&found, size).map(|()| found)
+            })
+        };
+        let lookup = match tokio::time::timeout(GUEST_LOOKUP_TIMEOUT, lookup).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(enter::EnterError::Runtime(RuntimeError::Setup {
+                step: "looking the user up".into(),
+                message: join.to_string(),
+            })),
+            Err(_) => Err(enter::EnterError::Runtime(RuntimeError::Setup {
+                step: "looking the user up in the guest's /etc/passwd".into(),
+                message: format!("no answer within {GUEST_LOOKUP_TIMEOUT:?}"),
+            })),
+        };
+        let guest_user = lookup.map_err(|err| match err {
             enter::EnterError::NoSuchUser(user) => ManagerError::NoSuchUser {
                 machine: name.to_owned(),
                 user,

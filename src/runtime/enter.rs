@@ -10,7 +10,6 @@
 
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,6 +47,8 @@ pub struct EnterSpec {
 pub enum EnterError {
     #[error("the machine has no user {0:?} in its /etc/passwd")]
     NoSuchUser(String),
+    #[error("the machine's user {user:?} has uid/gid {id}, outside the machine's id range 0..{size} (its [users] size); fix the guest's /etc/passwd or /etc/group")]
+    OutOfRange { user: String, id: u32, size: u32 },
     #[error("the machine's init (pid {0}) is gone")]
     NotRunning(i32),
     #[error(transparent)]
@@ -57,13 +58,8 @@ pub enum EnterError {
 fn read_guest_file(leader: i32, path: &str) -> Result<String, EnterError> {
     let root =
         File::open(format!("/proc/{leader}/root")).map_err(|_| EnterError::NotRunning(leader))?;
-    let fd = sys::open_in_root(root.as_fd(), Path::new(path), libc::O_RDONLY)
-        .map_err(RuntimeError::io(format!("opening the guest's {path}")))?;
-    let mut text = String::new();
-    File::from(fd)
-        .read_to_string(&mut text)
-        .map_err(RuntimeError::io(format!("reading the guest's {path}")))?;
-    Ok(text)
+    super::guestfile::read_text(root.as_fd(), Path::new(path), super::guestfile::ACCOUNTS)
+        .map_err(|e| EnterError::Runtime(e.into()))
 }
 
 /// Looks `user` (a name or a numeric uid; empty: root) up in the guest.
@@ -102,6 +98,23 @@ pub fn resolve_user(leader: i32, user: &str) -> Result<GuestUser, EnterError> {
     })
 }
 
+/// Refuses a guest user whose uid, gid or groups fall outside the machine's
+/// range: the host id `base + id` would belong to another machine (or
+/// overflow), and the guest's passwd is the guest's to write.
+pub fn check_ids(user: &GuestUser, size: u32) -> Result<(), EnterError> {
+    let ids = [user.uid, user.gid]
+        .into_iter()
+        .chain(user.groups.iter().copied());
+    match ids.into_iter().find(|id| *id >= size) {
+        Some(id) => Err(EnterError::OutOfRange {
+            user: user.name.clone(),
+            id,
+            size,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The environment a shell gets: TERM, HOME, USER, LOGNAME, SHELL, PATH, then
 /// the caller's `K=V` entries (which win).
 pub fn environment(user: &GuestUser, term: &str, extra: &[String]) -> Vec<String> {
@@ -138,6 +151,7 @@ pub fn command(
     extra_env: &[String],
 ) -> Result<Command, EnterError> {
     let user = resolve_user(leader as i32, user)?;
+    check_ids(&user, plan.ids.size)?;
     let spec = EnterSpec {
         leader: leader as i32,
         cgroup: plan.cgroup.clone(),
@@ -287,6 +301,9 @@ fn exec_as_user(spec: &EnterSpec, program: &seccompiler::BpfProgram) -> RuntimeE
             .map_err(errno("setresgid"))?;
         nix::unistd::setresuid(user.uid.into(), user.uid.into(), user.uid.into())
             .map_err(errno("setresuid"))?;
+        // A session keyring of its own, not the daemon's.
+        sys::join_new_session_keyring()
+            .map_err(RuntimeError::io("joining a new session keyring"))?;
         if nix::unistd::chdir(Path::new(&user.home)).is_err() {
             nix::unistd::chdir("/").map_err(errno("chdir /"))?;
         }

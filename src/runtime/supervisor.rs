@@ -12,7 +12,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,11 @@ const STOP_RESEND: Duration = Duration::from_secs(1);
 /// At most this many restarts (reboots, restart policy) within the window.
 const RESTART_BURST: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(10);
+/// console.log rotates to console.log.1 past this size: a guest writing
+/// to its console in a loop cannot fill the host's /run.
+pub const CONSOLE_LOG_MAX: u64 = 4 << 20;
+/// Console reads and notify messages handled per wakeup of the loop.
+const READS_PER_WAKEUP: usize = 64;
 
 /// A supervisor just launched: the launcher child (it exits at once, as the
 /// supervisor forks away from it; reap it) and a connection to the control
@@ -86,7 +91,9 @@ pub fn launch_held(helper: &Path, plan: &MachinePlan) -> Result<Launched, Runtim
 fn launch_inner(helper: &Path, plan: &MachinePlan, held: bool) -> Result<Launched, RuntimeError> {
     let dir = &plan.machine_dir;
     fs::create_dir_all(dir).map_err(RuntimeError::io(format!("creating {}", dir.display())))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+    // Only root may reach a machine's state: its plan (environment), its
+    // console, its control socket.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .map_err(RuntimeError::io(format!("chmod {}", dir.display())))?;
     let plan_json = serde_json::to_vec_pretty(plan).map_err(|err| RuntimeError::Setup {
         step: "writing the plan".into(),
@@ -108,6 +115,7 @@ fn launch_inner(helper: &Path, plan: &MachinePlan, held: bool) -> Result<Launche
     let log = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(dir.join(paths::SUPERVISOR_LOG))
         .map_err(RuntimeError::io("opening the supervisor log"))?;
     let log_err = log.try_clone().map_err(RuntimeError::io("dup log"))?;
@@ -313,6 +321,8 @@ struct Supervisor {
     stop_requested: bool,
     restarts: Vec<Instant>,
     console_log: File,
+    /// Bytes in the current console log.
+    console_logged: u64,
 }
 
 struct Client {
@@ -342,12 +352,7 @@ impl Supervisor {
             .map_err(|e| RuntimeError::io("blocking signals")(e.into()))?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
             .map_err(|e| RuntimeError::io("signalfd")(e.into()))?;
-        let console_log = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(plan.machine_dir.join(paths::CONSOLE_LOG))
-            .map_err(RuntimeError::io("opening the console log"))?;
+        let console_log = open_console_log(&plan.machine_dir)?;
         let status = Status {
             state: MachineState::Starting,
             leader: 0,
@@ -365,6 +370,7 @@ impl Supervisor {
             stop_requested: false,
             restarts: Vec::new(),
             console_log,
+            console_logged: 0,
         })
     }
 
@@ -435,7 +441,7 @@ impl Supervisor {
     fn boot_once(&mut self, host_dir: &Path) -> Result<Outcome, RuntimeError> {
         let kind = container::inspect_init(&self.plan)?;
         prepare_host_dir(&self.plan, host_dir)?;
-        let notify = bind_notify_socket(&host_dir.join(paths::NOTIFY))?;
+        let notify = bind_notify_socket(&host_dir.join(paths::NOTIFY), self.plan.ids.base)?;
         let console = open_console(self.plan.ids.base)?;
         fs::create_dir_all(self.dir().join(paths::ROOT_MOUNT))
             .map_err(RuntimeError::io("creating the root mount point"))?;
@@ -668,20 +674,42 @@ impl Supervisor {
         }
     }
 
+    /// Reads what the console has, a bounded amount per wakeup so a guest
+    /// writing without pause cannot starve the rest of the loop.
     fn drain_console(&mut self, console: &Console, buf: &mut [u8]) {
-        loop {
+        for _ in 0..READS_PER_WAKEUP {
             match nix::unistd::read(console.master.as_raw_fd(), buf) {
                 Ok(0) => break,
-                Ok(n) => {
-                    let _ = self.console_log.write_all(&buf[..n]);
-                }
+                Ok(n) => self.log_console(&buf[..n]),
                 Err(_) => break,
             }
         }
     }
 
+    /// Appends to console.log; past [`CONSOLE_LOG_MAX`] bytes it becomes
+    /// console.log.1 (replacing the previous one) and a new log starts.
+    fn log_console(&mut self, data: &[u8]) {
+        if self.console_logged + data.len() as u64 > CONSOLE_LOG_MAX {
+            let log = self.dir().join(paths::CONSOLE_LOG);
+            let _ = fs::rename(&log, self.dir().join(paths::CONSOLE_LOG_ROTATED));
+            match open_console_log(self.dir()) {
+                Ok(file) => {
+                    self.console_log = file;
+                    self.console_logged = 0;
+                }
+                Err(err) => {
+                    tracing::warn!(machine = self.plan.name(), %err, "rotating the console log");
+                    return;
+                }
+            }
+        }
+        if self.console_log.write_all(data).is_ok() {
+            self.console_logged += data.len() as u64;
+        }
+    }
+
     fn read_notify(&mut self, notify: &UnixDatagram, leader: libc::pid_t, buf: &mut [u8]) {
-        loop {
+        for _ in 0..READS_PER_WAKEUP {
             let mut iov = [IoSliceMut::new(buf)];
             let mut space = nix::cmsg_space!(UnixCredentials, [i32; 16]);
             let Ok(msg) = recvmsg::<()>(
@@ -823,6 +851,17 @@ fn signal_caught(pid: libc::pid_t, signal: libc::c_int) -> bool {
         .any(|mask| mask & bit != 0)
 }
 
+/// The console log is the guest's output: only root reads it.
+fn open_console_log(machine_dir: &Path) -> Result<File, RuntimeError> {
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(machine_dir.join(paths::CONSOLE_LOG))
+        .map_err(RuntimeError::io("opening the console log"))
+}
+
 fn prepare_host_dir(plan: &MachinePlan, host_dir: &Path) -> Result<(), RuntimeError> {
     fs::create_dir_all(host_dir)
         .map_err(RuntimeError::io(format!("creating {}", host_dir.display())))?;
@@ -847,12 +886,15 @@ fn prepare_host_dir(plan: &MachinePlan, host_dir: &Path) -> Result<(), RuntimeEr
     Ok(())
 }
 
-fn bind_notify_socket(path: &Path) -> Result<UnixDatagram, RuntimeError> {
+fn bind_notify_socket(path: &Path, guest_root: u32) -> Result<UnixDatagram, RuntimeError> {
     let _ = fs::remove_file(path);
     let sock = UnixDatagram::bind(path)
         .map_err(RuntimeError::io(format!("binding {}", path.display())))?;
-    // The guest's root is an unprivileged host uid: it must be able to send.
-    fs::set_permissions(path, fs::Permissions::from_mode(0o777))
+    // The guest's root (an unprivileged host uid) sends; its other users
+    // and the host's do not.
+    std::os::unix::fs::chown(path, Some(guest_root), Some(guest_root))
+        .map_err(RuntimeError::io("chown notify socket"))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
         .map_err(RuntimeError::io("chmod notify socket"))?;
     setsockopt(&sock, sockopt::PassCred, &true)
         .map_err(|e| RuntimeError::io("SO_PASSCRED")(e.into()))?;

@@ -354,3 +354,135 @@ pub fn close_fds_from(first: RawFd, keep: &[RawFd]) {
         unsafe { libc::close(fd) };
     }
 }
+
+/// Opens the inode behind an `O_PATH` descriptor for I/O, without a new
+/// path lookup (through the descriptor's /proc/self/fd entry).
+pub fn reopen(handle: BorrowedFd<'_>, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let path = CString::new(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "fd path"))?;
+    // SAFETY: open(2) reads the NUL-terminated path; it returns a new fd.
+    let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    check(fd as libc::c_long)?;
+    // SAFETY: a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// One eBPF instruction (`struct bpf_insn`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BpfInsn {
+    pub code: u8,
+    /// dst_reg in the low nibble, src_reg in the high one.
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
+}
+
+/// The `BPF_PROG_LOAD` part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BpfProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+}
+
+/// The `BPF_PROG_ATTACH` part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BpfProgAttach {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
+const BPF_CGROUP_DEVICE: u32 = 6;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// Loads `insns` as a `BPF_PROG_TYPE_CGROUP_DEVICE` program and attaches it
+/// to `cgroup` (cgroup2) with `BPF_F_ALLOW_MULTI`, so programs attached
+/// above and below all have to allow an access.
+pub fn attach_device_program(cgroup: BorrowedFd<'_>, insns: &[BpfInsn]) -> io::Result<()> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 4096];
+    let load = BpfProgLoad {
+        prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        ..BpfProgLoad::default()
+    };
+    // SAFETY: bpf(2) reads `load` (of the size passed), the instructions and
+    // the license it points at, and writes at most log_size bytes of log.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &load as *const BpfProgLoad,
+            std::mem::size_of::<BpfProgLoad>(),
+        )
+    };
+    let prog = match check(ret) {
+        // SAFETY: a new descriptor owned by nobody else.
+        Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+        Err(err) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            return Err(io::Error::new(
+                err.kind(),
+                format!("loading the device program: {err}; verifier: {text}"),
+            ));
+        }
+    };
+    let attach = BpfProgAttach {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        attach_flags: BPF_F_ALLOW_MULTI,
+    };
+    // SAFETY: bpf(2) reads `attach`; both descriptors are valid for the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &attach as *const BpfProgAttach,
+            std::mem::size_of::<BpfProgAttach>(),
+        )
+    };
+    check(ret).map(|_| ())
+}
+
+/// `setns(2)` with a namespace descriptor.
+pub fn setns(ns: BorrowedFd<'_>, nstype: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid descriptor.
+    let ret = unsafe { libc::setns(ns.as_raw_fd(), nstype) };
+    check(ret as libc::c_long).map(|_| ())
+}
+
+/// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`: a new anonymous session
+/// keyring of the calling process's own, instead of the inherited one.
+pub fn join_new_session_keyring() -> io::Result<()> {
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: a null name asks for a new anonymous keyring.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        )
+    };
+    check(ret).map(|_| ())
+}

@@ -48,6 +48,7 @@ pub fn require_root() {
 pub fn fixture(kind: &str) -> PathBuf {
     let dest = Path::new(FIXTURES).join(kind);
     if dest.is_dir() {
+        close_fixtures();
         return dest;
     }
     std::fs::create_dir_all(FIXTURES).expect("fixture dir");
@@ -61,7 +62,17 @@ pub fn fixture(kind: &str) -> PathBuf {
         .status()
         .expect("run make-rootfs.sh");
     assert!(status.success(), "building the {kind} fixture failed");
+    close_fixtures();
     dest
+}
+
+/// Machine roots must not be reachable by unprivileged host users (their
+/// setuid files would be host setuid-root files): rmachined refuses to boot
+/// one that is, so the fixtures' directory is root's alone.
+fn close_fixtures() {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(FIXTURES, std::fs::Permissions::from_mode(0o700))
+        .expect("chmod 0700 the fixtures' directory");
 }
 
 pub fn helper_binary() -> &'static Path {
