@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::definition::{load_dir, validate_name, Definition};
 use crate::network::{self, NetworkConfig};
@@ -71,6 +71,13 @@ pub struct ShellSession {
     pub session: u32,
 }
 
+/// A running machine and the guest user a session runs as.
+struct SessionTarget {
+    plan: MachinePlan,
+    leader: u32,
+    user: enter::GuestUser,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReloadSummary {
     pub added: Vec<String>,
@@ -112,6 +119,8 @@ struct Inner {
     machines: Mutex<BTreeMap<String, Entry>>,
     events: broadcast::Sender<Event>,
     next_session: AtomicU32,
+    /// Running sessions: a word to their waiter hangs the command up.
+    sessions: Mutex<std::collections::HashMap<u32, oneshot::Sender<()>>>,
 }
 
 struct Entry {
@@ -176,6 +185,7 @@ impl Manager {
                 machines: Mutex::new(BTreeMap::new()),
                 events,
                 next_session: AtomicU32::new(1),
+                sessions: Mutex::new(std::collections::HashMap::new()),
             }),
         };
         manager.reload().await?;
@@ -538,6 +548,80 @@ impl Manager {
         command: Vec<String>,
         environment: Vec<String>,
     ) -> Result<ShellSession, ManagerError> {
+        let target = self.session_target(name, user, &environment)?;
+        let failed = |message: String| ManagerError::Failed {
+            name: name.to_owned(),
+            message,
+        };
+        let (master, slave) = enter::open_guest_pty(
+            target.leader as i32,
+            target.plan.ids.base + target.user.uid,
+            target.plan.ids.base + 5,
+        )
+        .map_err(|e| failed(e.to_string()))?;
+        let term = environment
+            .iter()
+            .find_map(|e| e.strip_prefix("TERM="))
+            .unwrap_or("xterm-256color")
+            .to_owned();
+        let stdio = || slave.try_clone().map_err(|e| failed(e.to_string()));
+        let stdio = [stdio()?, stdio()?, stdio()?];
+        drop(slave);
+        let session = self.spawn_session(name, target, &term, command, environment, stdio, true)?;
+        Ok(ShellSession {
+            pty_master: master,
+            session,
+        })
+    }
+
+    /// Starts `command` (empty: the user's login shell) as `user` (empty:
+    /// root) inside the machine with `stdio` (the caller's descriptors) as
+    /// its fd 0, 1 and 2: no pty, no relay. Returns the session number that
+    /// [`Event::ShellExited`] reports.
+    pub async fn execute(
+        &self,
+        name: &str,
+        user: &str,
+        command: Vec<String>,
+        environment: Vec<String>,
+        stdio: [OwnedFd; 3],
+    ) -> Result<u32, ManagerError> {
+        let target = self.session_target(name, user, &environment)?;
+        let term = environment
+            .iter()
+            .find_map(|e| e.strip_prefix("TERM="))
+            .unwrap_or("dumb")
+            .to_owned();
+        self.spawn_session(name, target, &term, command, environment, stdio, false)
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u32, oneshot::Sender<()>>> {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends a session whose caller went away: its command gets SIGHUP (as
+    /// from a terminal hangup), the helpers SIGKILL. Returns whether it ran.
+    pub fn hang_up(&self, session: u32) -> bool {
+        self.sessions()
+            .remove(&session)
+            .is_some_and(|hang_up| hang_up.send(()).is_ok())
+    }
+
+    /// Whether a session is still running.
+    pub fn session_running(&self, session: u32) -> bool {
+        self.sessions().contains_key(&session)
+    }
+
+    /// Checks what a shell session needs: a running machine, the user in it.
+    fn session_target(
+        &self,
+        name: &str,
+        user: &str,
+        environment: &[String],
+    ) -> Result<SessionTarget, ManagerError> {
         check_name(name)?;
         if let Some(bad) = environment
             .iter()
@@ -559,7 +643,7 @@ impl Manager {
                 _ => return Err(ManagerError::NotRunning(name.to_owned())),
             }
         };
-        let guest_user = enter::resolve_user(leader as i32, user).map_err(|err| match err {
+        let user = enter::resolve_user(leader as i32, user).map_err(|err| match err {
             enter::EnterError::NoSuchUser(user) => ManagerError::NoSuchUser {
                 machine: name.to_owned(),
                 user,
@@ -570,54 +654,90 @@ impl Manager {
                 message: other.to_string(),
             },
         })?;
+        Ok(SessionTarget { plan, leader, user })
+    }
+
+    /// Runs the enter helper with `stdio` and reports its end as
+    /// [`Event::ShellExited`].
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_session(
+        &self,
+        name: &str,
+        target: SessionTarget,
+        term: &str,
+        command: Vec<String>,
+        environment: Vec<String>,
+        stdio: [OwnedFd; 3],
+        controlling_tty: bool,
+    ) -> Result<u32, ManagerError> {
         let failed = |message: String| ManagerError::Failed {
             name: name.to_owned(),
             message,
         };
-        let (master, slave) = enter::open_guest_pty(
-            leader as i32,
-            plan.ids.base + guest_user.uid,
-            plan.ids.base + 5,
-        )
-        .map_err(|e| failed(e.to_string()))?;
-        let term = environment
-            .iter()
-            .find_map(|e| e.strip_prefix("TERM="))
-            .unwrap_or("xterm-256color")
-            .to_owned();
         let spec = enter::EnterSpec {
-            leader: leader as i32,
-            cgroup: plan.cgroup.clone(),
-            env: enter::environment(&guest_user, &term, &environment),
+            leader: target.leader as i32,
+            cgroup: target.plan.cgroup.clone(),
+            env: enter::environment(&target.user, term, &environment),
             argv: command,
-            user: guest_user,
-            controlling_tty: true,
+            user: target.user,
+            controlling_tty,
         };
-        let mut std_command = enter::spec_command(&self.inner.helper, &spec);
-        let stdio = |fd: &OwnedFd| fd.try_clone().map(std::process::Stdio::from);
+        let mut std_command =
+            enter::spec_command(&self.inner.helper, &spec).map_err(|e| failed(e.to_string()))?;
+        let [stdin, stdout, stderr] = stdio;
         std_command
-            .stdin(stdio(&slave).map_err(|e| failed(e.to_string()))?)
-            .stdout(stdio(&slave).map_err(|e| failed(e.to_string()))?)
-            .stderr(stdio(&slave).map_err(|e| failed(e.to_string()))?);
+            .stdin(std::process::Stdio::from(stdin))
+            .stdout(std::process::Stdio::from(stdout))
+            .stderr(std::process::Stdio::from(stderr));
         let mut child = tokio::process::Command::from(std_command)
             .spawn()
-            .map_err(|e| failed(format!("starting the shell: {e}")))?;
-        drop(slave);
+            .map_err(|e| failed(format!("starting the command: {e}")))?;
+        // The Command (and with it our copies of the caller's descriptors
+        // and the spec memfd) is gone once spawned.
         let session = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let (hang_up, mut hung_up) = oneshot::channel();
+        self.sessions().insert(session, hang_up);
         let manager = self.clone();
         tokio::spawn(async move {
-            let status = match child.wait().await {
+            let waited = tokio::select! {
+                waited = child.wait() => waited,
+                Ok(()) = &mut hung_up => {
+                    // The helper's death takes the command along
+                    // (PDEATHSIG, see runtime::enter).
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let status = match waited {
                 Ok(st) => st.code().unwrap_or_else(|| {
                     128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
                 }),
                 Err(_) => 255,
             };
+            manager.sessions().remove(&session);
             manager.emit(Event::ShellExited { session, status });
         });
-        Ok(ShellSession {
-            pty_master: master,
-            session,
-        })
+        Ok(session)
+    }
+
+    /// The machine's console log, opened read-only: the rotated file
+    /// (`console.log.1`) first when there is one, then the current one.
+    /// Empty when the machine never ran.
+    pub fn console_logs(&self, name: &str) -> Result<Vec<OwnedFd>, ManagerError> {
+        self.get(name)?;
+        let dir = runtime::machine_dir(&self.inner.config.state_dir, name);
+        let mut logs = Vec::new();
+        for file in [format!("{}.1", paths::CONSOLE_LOG), paths::CONSOLE_LOG.to_owned()] {
+            let path = dir.join(file);
+            match std::fs::File::open(&path) {
+                Ok(log) => logs.push(OwnedFd::from(log)),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(ManagerError::Io(format!("opening {}: {err}", path.display())))
+                }
+            }
+        }
+        Ok(logs)
     }
 
     /// Re-reads the definitions; running machines are not disturbed.
