@@ -220,12 +220,15 @@ impl Manager {
         self.lock().values().map(|e| e.info.clone()).collect()
     }
 
+    /// A known machine's snapshot. A definition file whose stem is no valid
+    /// name is still known (listed `failed`, with why): it is found too, so
+    /// one bad file never breaks listing.
     pub fn get(&self, name: &str) -> Result<MachineInfo, ManagerError> {
+        if let Some(entry) = self.lock().get(name) {
+            return Ok(entry.info.clone());
+        }
         check_name(name)?;
-        self.lock()
-            .get(name)
-            .map(|e| e.info.clone())
-            .ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))
+        Err(ManagerError::NoSuchMachine(name.to_owned()))
     }
 
     /// Connects to a supervisor left by an earlier daemon, if one runs.
@@ -298,7 +301,8 @@ impl Manager {
                 error: "the supervisor exited without a final state".into(),
                 boots: 0,
             });
-            if last.state.is_active() {
+            let died = last.state.is_active();
+            if died {
                 last.state = MachineState::Failed;
                 last.error = format!(
                     "the supervisor died unexpectedly; see {}",
@@ -306,13 +310,41 @@ impl Manager {
                 );
             }
             last.leader = 0;
-            if let Some(entry) = manager.lock().get_mut(&name) {
-                entry.supervisor = None;
-                entry.plan = None;
+            let (plan, restart) = match manager.lock().get_mut(&name) {
+                Some(entry) => {
+                    entry.supervisor = None;
+                    let restart = entry.definition.as_ref().map(|d| d.restart).ok();
+                    (entry.plan.take(), restart)
+                }
+                None => (None, None),
+            };
+            if died {
+                // Its machine died with it (PDEATHSIG); what it would have
+                // cleaned up is cleaned here, before anyone starts it again.
+                let cleanup_name = name.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    supervisor::remove_leftovers(&dir, &cleanup_name);
+                    if let Some(net) = plan.as_ref().and_then(|p| p.network.as_ref()) {
+                        if let Err(err) = network::firewall::leave(net) {
+                            tracing::warn!(machine = %cleanup_name, %err, "removing a dead supervisor's network");
+                        }
+                    }
+                })
+                .await;
             }
             manager.apply_status(&name, &last);
             let _ = status_tx.send(Some(last));
             manager.forget_if_undefined(&name);
+            let restart_policy = restart.is_some_and(|r| r != crate::definition::RestartPolicy::No);
+            if died && restart_policy {
+                tracing::warn!(machine = %name, "the supervisor died; restarting the machine (restart policy)");
+                let manager = manager.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = manager.start(&name).await {
+                        tracing::error!(machine = %name, %err, "restart after the supervisor's death failed");
+                    }
+                });
+            }
         });
         SupervisorLink { commands, status }
     }
@@ -417,7 +449,9 @@ impl Manager {
                 loop {
                     let current = status.borrow_and_update().clone();
                     if let Some(st) = current {
-                        if st.leader != 0 || st.state == MachineState::Running {
+                        // `boots`: init was executed, even if it ended
+                        // before we looked (a command that exits at once).
+                        if st.leader != 0 || st.state == MachineState::Running || st.boots > 0 {
                             return Ok(());
                         }
                         if !st.state.is_active() {

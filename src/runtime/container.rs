@@ -74,8 +74,15 @@ pub fn inspect_init(plan: &MachinePlan) -> Result<InitKind, RuntimeError> {
         "opening machine root {}",
         def.root.display()
     )))?;
-    let fd = sys::open_in_root(root.as_fd(), Path::new(&command), libc::O_PATH)
-        .map_err(|_| no_init())?;
+    let fd = sys::open_in_root(root.as_fd(), Path::new(&command), libc::O_PATH).map_err(|err| {
+        match err.raw_os_error() {
+            Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => no_init(),
+            _ => RuntimeError::io(format!(
+                "resolving {command} in machine root {}",
+                def.root.display()
+            ))(err),
+        }
+    })?;
     let meta = fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|_| no_init())?;
     use std::os::unix::fs::PermissionsExt;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
@@ -192,12 +199,27 @@ pub fn spawn(plan: &MachinePlan, res: &BootResources<'_>) -> Result<Container, R
             match parent_setup(plan, pid, parent_sock.as_fd()) {
                 Ok(()) => Ok(container),
                 Err(err) => {
+                    // A child that died before exec is why a later step of
+                    // ours failed (no such process, a closed socket): its
+                    // own message is the one to report.
+                    let err = child_error(parent_sock.as_fd()).unwrap_or(err);
                     let _ = sys::pidfd_send_signal(container.pidfd.as_fd(), libc::SIGKILL);
                     let _ = sys::waitid_pidfd(container.pidfd.as_fd(), false);
                     Err(err)
                 }
             }
         }
+    }
+}
+
+/// The error message a failed child left on the setup socket, if any.
+fn child_error(sock: BorrowedFd<'_>) -> Option<RuntimeError> {
+    let mut buf = vec![0u8; 4096];
+    match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+        Ok(n) if n > 0 => Some(RuntimeError::Child(
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+        )),
+        _ => None,
     }
 }
 
@@ -347,8 +369,6 @@ fn child_main(
     res: &BootResources<'_>,
     sock: BorrowedFd<'_>,
 ) -> Result<Never, RuntimeError> {
-    // A crashed supervisor takes its machine along rather than orphan it.
-    sys::set_parent_death_signal(libc::SIGKILL).map_err(RuntimeError::io("setting PDEATHSIG"))?;
     sys::set_non_dumpable().map_err(RuntimeError::io("PR_SET_DUMPABLE"))?;
 
     // The supervisor blocks the signals it reads from a signalfd; the mask
@@ -364,6 +384,12 @@ fn child_main(
         .map_err(|e| RuntimeError::io("setresgid(0)")(e.into()))?;
     nix::unistd::setresuid(0.into(), 0.into(), 0.into())
         .map_err(|e| RuntimeError::io("setresuid(0)")(e.into()))?;
+    // A crashed supervisor takes its machine along rather than orphan it.
+    // Set only now: a credential change clears it (prctl(2)), and so does
+    // it the dumpable flag. A supervisor that died before this line is
+    // seen by wait_for_run (its end of the socket is closed).
+    sys::set_parent_death_signal(libc::SIGKILL).map_err(RuntimeError::io("setting PDEATHSIG"))?;
+    sys::set_non_dumpable().map_err(RuntimeError::io("PR_SET_DUMPABLE"))?;
 
     let new_root = plan.machine_dir.join(paths::ROOT_MOUNT);
     let mut trees = trees.into_iter();
@@ -376,6 +402,17 @@ fn child_main(
 
     for (bind, tree) in plan.definition.binds.iter().zip(trees) {
         let source_is_dir = bind.source.is_dir();
+        if plan.definition.read_only && sys::open_in_root(root, &bind.target, libc::O_PATH).is_err()
+        {
+            // Like systemd-nspawn on a read-only root: no mount point is
+            // made up; the tree must have it.
+            return Err(RuntimeError::Child(format!(
+                "bind target {} does not exist in the read-only root {}: create it in the tree (as a {}) or set read_only = false",
+                bind.target.display(),
+                plan.definition.root.display(),
+                if source_is_dir { "directory" } else { "file" }
+            )));
+        }
         let target = ensure_in_root(root, &bind.target, source_is_dir)?;
         sys::move_mount_to_fd(tree.as_fd(), target.as_fd()).map_err(RuntimeError::io(format!(
             "mounting bind {} on {}",
