@@ -426,3 +426,183 @@ async fn logs_prints_and_follows_the_console() {
     assert!(text(&denied.stderr).contains("AccessDenied"), "{}", text(&denied.stderr));
     assert_ok(&h.rmachinectl(&["stop", "talk"]), "stop");
 }
+
+fn state_of(h: &Harness, name: &str) -> String {
+    let out = h.rmachinectl(&["status", name, "--json"]);
+    assert_ok(&out, "status --json");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["state"].as_str().unwrap_or_default().to_owned()
+}
+
+fn leader_of(h: &Harness, name: &str) -> u32 {
+    let out = h.rmachinectl(&["status", name, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["leader"].as_u64().unwrap_or(0) as u32
+}
+
+/// Through netlink (`ip`): /sys/class/net shows the netns /sys was mounted in.
+fn link_exists(name: &str) -> bool {
+    Command::new("ip")
+        .args(["link", "show", "dev", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn process_exists(pid: u32) -> bool {
+    pid != 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A `boot = false` machine whose command exits at once ran: its start
+/// succeeded, every time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_machine_that_ran_and_ended_started() {
+    let root = support::fixture("busybox");
+    let h = Harness::start_with(|c| {
+        write_definition(c, "quick", &root, &format!("boot = false\ncommand = [\"/bin/true\"]\n{NO_NET}"))
+    });
+    for round in 0..40 {
+        let out = h.rmachinectl(&["start", "quick"]);
+        assert_ok(&out, &format!("start, round {round}"));
+        wait_until("the machine ended", Duration::from_secs(10), || {
+            state_of(&h, "quick") == "stopped"
+        });
+    }
+}
+
+/// A definition file whose stem is no machine name is listed as failed;
+/// the others still list.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_definition_name_never_breaks_list() {
+    let root = support::fixture("busybox");
+    let h = Harness::start_with(|c| {
+        write_definition(c, "good", &root, NO_NET);
+        write_definition(c, "Bad_Name", &root, NO_NET);
+    });
+    let out = h.rmachinectl(&["list"]);
+    assert_ok(&out, "list");
+    assert!(text(&out.stdout).contains("good"), "{}", text(&out.stdout));
+    let out = h.rmachinectl(&["list", "--json"]);
+    assert_ok(&out, "list --json");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bad = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "Bad_Name")
+        .expect("the bad file is listed");
+    assert_eq!(bad["state"], "failed");
+}
+
+/// Many machines on one tree (busybox's /sbin/init is `../bin/busybox`),
+/// started together, round after round: openat2's EAGAIN is retried.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_machines_on_one_tree_start_together_round_after_round() {
+    let root = support::fixture("busybox");
+    let names: Vec<String> = (0..16).map(|i| format!("same{i}")).collect();
+    let h = Harness::start_with(|c| {
+        for name in &names {
+            write_definition(c, name, &root, NO_NET);
+        }
+    });
+    let mut start = vec!["start"];
+    start.extend(names.iter().map(String::as_str));
+    let mut stop = vec!["stop"];
+    stop.extend(names.iter().map(String::as_str));
+    for round in 0..5 {
+        let out = h.rmachinectl(&start);
+        assert_ok(&out, &format!("start, round {round}"));
+        assert_ok(&h.rmachinectl(&stop), &format!("stop, round {round}"));
+    }
+}
+
+/// The child's own error is reported when it dies before exec: a bind
+/// target missing in a read-only root is named as such (not a later step's
+/// "no such process" of the network setup).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_bind_target_on_a_read_only_root_is_named() {
+    let root = support::fixture("busybox");
+    let source = tempfile::tempdir().unwrap();
+    let source_path = source.path().display().to_string();
+    let h = Harness::start_with(|c| {
+        write_definition(
+            c,
+            "robind",
+            &root,
+            &format!("read_only = true\n[[bind]]\nsource = {source_path:?}\ntarget = \"/no-such-target\"\n"),
+        )
+    });
+    let out = h.rmachinectl(&["start", "robind"]);
+    assert!(!out.status.success());
+    let error = text(&out.stderr);
+    assert!(
+        error.contains("bind target /no-such-target does not exist in the read-only root"),
+        "{error}"
+    );
+    assert!(!error.contains("veth"), "{error}");
+}
+
+/// A supervisor killed with SIGKILL takes its machine along (init, veth,
+/// cgroup); `restart = "always"` starts it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_supervisor_leaves_nothing_and_always_restarts() {
+    let root = support::fixture("busybox");
+    let h = Harness::start_with(|c| {
+        write_definition(c, "orphan", &root, "");
+        write_definition(c, "phoenix", &root, "restart = \"always\"\n");
+    });
+    for name in ["orphan", "phoenix"] {
+        start(&h, name);
+    }
+    let supervisor_of = |name: &str| -> u32 {
+        let dir = h.state_dir().join("machines").join(name);
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+        state["supervisor"].as_u64().unwrap() as u32
+    };
+    let kill9 = |pid: u32| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap()
+    };
+
+    let leader = leader_of(&h, "orphan");
+    assert!(process_exists(leader));
+    let plan: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.state_dir().join("machines/orphan/plan.json")).unwrap(),
+    )
+    .unwrap();
+    let cgroup = std::path::PathBuf::from(plan["cgroup"].as_str().unwrap());
+    let veth = rmachines::network::host_veth_name("orphan");
+    assert!(cgroup.exists(), "{}", cgroup.display());
+    assert!(link_exists(&veth), "{veth}");
+    kill9(supervisor_of("orphan"));
+    wait_until("init is gone", Duration::from_secs(10), || !process_exists(leader));
+    wait_until("the machine is failed", Duration::from_secs(10), || {
+        state_of(&h, "orphan") == "failed"
+    });
+    wait_until("cgroup and veth are gone", Duration::from_secs(10), || {
+        !cgroup.exists() && !link_exists(&veth)
+    });
+    start(&h, "orphan");
+    let inits = h.rmachinectl(&["shell", "orphan", "--", "/bin/ps"]);
+    assert_eq!(
+        text(&inits.stdout).lines().filter(|l| l.trim_end().ends_with(" init")).count(),
+        1,
+        "{}",
+        text(&inits.stdout)
+    );
+
+    let leader = leader_of(&h, "phoenix");
+    kill9(supervisor_of("phoenix"));
+    wait_until("init is gone", Duration::from_secs(10), || !process_exists(leader));
+    wait_until("the machine runs again", Duration::from_secs(20), || {
+        state_of(&h, "phoenix") == "running" && leader_of(&h, "phoenix") != leader
+    });
+    for name in ["orphan", "phoenix"] {
+        assert_ok(&h.rmachinectl(&["stop", name]), "stop");
+    }
+}
