@@ -606,3 +606,63 @@ async fn a_killed_supervisor_leaves_nothing_and_always_restarts() {
         assert_ok(&h.rmachinectl(&["stop", name]), "stop");
     }
 }
+
+/// A `Shell` caller whose connection did not negotiate Unix fd passing gets
+/// an error reply (not silence), and no session runs for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_without_fd_passing_gets_an_error_reply() {
+    use std::os::unix::net::UnixStream;
+    let root = support::fixture("busybox");
+    let h = Harness::start_with(|c| write_definition(c, "nofd", &root, NO_NET));
+    start(&h, "nofd");
+    let path = h
+        .address()
+        .strip_prefix("unix:path=")
+        .and_then(|rest| rest.split(',').next())
+        .expect("a unix:path= bus address")
+        .to_owned();
+    let mut socket = UnixStream::connect(&path).expect("connect to the bus");
+    socket.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    // SASL without NEGOTIATE_UNIX_FD.
+    let uid_hex: String = nix::unistd::getuid()
+        .to_string()
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    socket.write_all(format!("\0AUTH EXTERNAL {uid_hex}\r\n").as_bytes()).unwrap();
+    let mut line = [0u8; 256];
+    let n = socket.read(&mut line).unwrap();
+    assert!(line[..n].starts_with(b"OK "), "{}", text(&line[..n]));
+    socket.write_all(b"BEGIN\r\n").unwrap();
+    let hello = zbus::Message::method_call("/org/freedesktop/DBus", "Hello")
+        .unwrap()
+        .destination("org.freedesktop.DBus")
+        .unwrap()
+        .interface("org.freedesktop.DBus")
+        .unwrap()
+        .build(&())
+        .unwrap();
+    socket.write_all(&hello.data()[..]).unwrap();
+    let shell = zbus::Message::method_call("/org/rmachines1", "Shell")
+        .unwrap()
+        .destination("org.rmachines1")
+        .unwrap()
+        .interface("org.rmachines1.Manager")
+        .unwrap()
+        .build(&("nofd", "", vec!["/bin/sleep", "777"], Vec::<String>::new()))
+        .unwrap();
+    socket.write_all(&shell.data()[..]).unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let wanted = b"org.rmachines1.FdPassingUnsupported";
+    while !received.windows(wanted.len()).any(|w| w == wanted) {
+        match socket.read(&mut buffer) {
+            Ok(0) => panic!("the bus closed the connection: {}", text(&received)),
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+            Err(err) => panic!("no error reply ({err}): {}", text(&received)),
+        }
+    }
+    let ps = h.rmachinectl(&["shell", "nofd", "--", "/bin/ps"]);
+    assert!(!text(&ps.stdout).contains("777"), "{}", text(&ps.stdout));
+    assert_ok(&h.rmachinectl(&["stop", "nofd"]), "stop");
+}

@@ -90,6 +90,16 @@ impl ManagerObject {
         validate::user_name(user)?;
         validate::command_size(&command, &environment)?;
         validate::environment(&environment)?;
+        // The reply carries a descriptor: a caller that cannot take one
+        // would get no reply at all (the bus drops it), and its session
+        // would run for nobody.
+        if let Some(caller) = header.sender() {
+            if !caller_takes_fds(connection, caller).await.unwrap_or(true) {
+                return Err(Error::FdPassingUnsupported(
+                    "Shell returns a pty as a Unix file descriptor, and this bus connection did not negotiate descriptor passing: connect over a Unix socket with a client that negotiates it (NEGOTIATE_UNIX_FD)".into(),
+                ));
+            }
+        }
         let session = self.manager.shell(name, user, command, environment).await?;
         watch_caller(connection, &header, &self.manager, session.session);
         Ok((zvariant::OwnedFd::from(session.pty_master), session.session))
@@ -230,4 +240,35 @@ fn watch_caller(connection: &Connection, header: &Header<'_>, manager: &Manager,
             tracing::info!(session, caller = %caller, "caller left the bus: session hung up");
         }
     });
+}
+
+/// Whether `caller`'s bus connection takes Unix fds. The bus tells only by
+/// refusing: a unicast signal carrying one (interface
+/// `org.rmachines1.FdProbe`, which clients ignore) comes back as an error
+/// when not. A round trip to the bus afterwards orders that error before
+/// its reply.
+async fn caller_takes_fds(
+    connection: &Connection,
+    caller: &zbus::names::UniqueName<'_>,
+) -> zbus::Result<bool> {
+    use futures_util::FutureExt;
+    let null = std::fs::File::open("/dev/null")
+        .map_err(|e| zbus::Error::Failure(format!("opening /dev/null: {e}")))?;
+    let probe = zbus::message::Message::signal(MANAGER_PATH, "org.rmachines1.FdProbe", "Probe")?
+        .destination(caller.as_str())?
+        .build(&(zvariant::Fd::from(&null),))?;
+    let serial = probe.primary_header().serial_num();
+    let mut incoming = zbus::MessageStream::from(connection);
+    connection.send(&probe).await?;
+    zbus::fdo::DBusProxy::new(connection).await?.get_id().await?;
+    while let Some(Some(message)) = incoming.next().now_or_never() {
+        let Ok(message) = message else { continue };
+        let header = message.header();
+        if header.message_type() == zbus::message::Type::Error
+            && header.reply_serial() == Some(serial)
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
