@@ -134,6 +134,25 @@ async fn shell_without_a_tty_carries_bytes_exactly() {
         b"",
     );
     assert_eq!(text(&out.stdout), "s3cr3t-value\n");
+
+    // The man page's busctl example: busctl's own fds 0, 1 and 2.
+    let out = h.busctl_call(&[
+        "/org/rmachines1",
+        "org.rmachines1.Manager",
+        "Execute",
+        "ssasashhh",
+        "bytes",
+        "",
+        "2",
+        "/bin/echo",
+        "hello",
+        "0",
+        "0",
+        "1",
+        "2",
+    ]);
+    assert_ok(&out, "busctl Execute");
+    assert!(text(&out.stdout).contains("hello\n"), "{}", text(&out.stdout));
     assert_ok(&h.rmachinectl(&["stop", "bytes"]), "stop");
 }
 

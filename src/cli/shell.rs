@@ -20,6 +20,7 @@ use super::CliError;
 use crate::dbus::proxy::ManagerProxy;
 
 #[derive(Debug, Args)]
+#[command(after_long_help = SHELL_NOTES)]
 pub(crate) struct ShellOptions {
     /// The machine.
     name: String,
@@ -41,6 +42,32 @@ pub(crate) struct ShellOptions {
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
+
+/// The extra section of `rmachinectl-shell(1)`.
+const SHELL_NOTES: &str = "\
+Without a terminal on both stdin and stdout (or with -T), the command gets \
+rmachinectl's own stdin, stdout and stderr through the Manager's Execute \
+method: bytes arrive exactly, stderr stays apart, end of file and SIGPIPE \
+behave as in a local pipe. With -t (or two terminals) it runs on a pty \
+(Shell) whose terminal rmachinectl relays in raw mode. The exit status is \
+the command's, 128+N for signal N. If rmachinectl ends first (Ctrl-C, \
+timeout), rmachined hangs the command up.
+
+Limits: at most 8192 arguments, 4096 environment entries, 131071 bytes \
+each, 1 MiB in all (org.rmachines1.TooLarge).
+
+The same without rmachinectl, through D-Bus (busctl passes its own fds \
+0, 1 and 2; the session's end and exit status come as the ShellExited \
+signal):
+
+    busctl call org.rmachines1 /org/rmachines1 org.rmachines1.Manager \\
+        Execute ssasashhh web \"\" 2 /bin/echo hello 0 0 1 2
+
+Examples:
+
+    pg_dump db | rmachinectl shell web -- psql
+    tar c . | rmachinectl shell web -- tar x -C /srv
+    rmachinectl shell -t web -- top";
 
 /// How often the output relay looks at whether the session has ended.
 const DRAIN_POLL_MS: u16 = 100;
