@@ -387,11 +387,22 @@ fn exec_throughput(opts: &Options, rows: &mut Vec<Row>) {
     let status = h.rmachinectl(&["status", "io", "--json"]);
     let info: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     let leader = info["leader"].as_u64().unwrap().to_string();
-    let produce = format!("dd if=/dev/zero bs=131072 count={} 2>/dev/null", EXEC_BYTES / 131072);
+    let produce = format!(
+        "dd if=/dev/zero bs=131072 count={} 2>/dev/null",
+        EXEC_BYTES / 131072
+    );
     let consume = "cat >/dev/null";
     for (case, feed, script) in [
-        ("exec throughput out (256 MiB, command to caller)", false, produce.as_str()),
-        ("exec throughput in (256 MiB, caller to command)", true, consume),
+        (
+            "exec throughput out (256 MiB, command to caller)",
+            false,
+            produce.as_str(),
+        ),
+        (
+            "exec throughput in (256 MiB, caller to command)",
+            true,
+            consume,
+        ),
     ] {
         let (mut ours, mut reference) = (vec![], vec![]);
         for _ in 0..opts.runs {
@@ -706,7 +717,10 @@ fn main() {
             .cloned()
     };
     let only = value_of("--only");
-    let runs_case = |case: &str| only.as_deref().is_none_or(|o| o.split(',').any(|c| c == case));
+    let runs_case = |case: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|c| c == case))
+    };
     let sweep = match value_of("--sweep") {
         Some(list) => list
             .split(',')

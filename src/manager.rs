@@ -629,7 +629,9 @@ impl Manager {
         self.spawn_session(name, target, &term, command, environment, stdio, false)
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u32, oneshot::Sender<()>>> {
+    fn sessions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u32, oneshot::Sender<()>>> {
         self.inner
             .sessions
             .lock()
@@ -761,13 +763,19 @@ impl Manager {
         self.get(name)?;
         let dir = runtime::machine_dir(&self.inner.config.state_dir, name);
         let mut logs = Vec::new();
-        for file in [format!("{}.1", paths::CONSOLE_LOG), paths::CONSOLE_LOG.to_owned()] {
+        for file in [
+            format!("{}.1", paths::CONSOLE_LOG),
+            paths::CONSOLE_LOG.to_owned(),
+        ] {
             let path = dir.join(file);
             match std::fs::File::open(&path) {
                 Ok(log) => logs.push(OwnedFd::from(log)),
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => {
-                    return Err(ManagerError::Io(format!("opening {}: {err}", path.display())))
+                    return Err(ManagerError::Io(format!(
+                        "opening {}: {err}",
+                        path.display()
+                    )))
                 }
             }
         }

@@ -108,7 +108,14 @@ async fn shell_without_a_tty_carries_bytes_exactly() {
 
     let out = piped(
         &h,
-        &["shell", "bytes", "--", "/bin/sh", "-c", "echo out; echo err >&2"],
+        &[
+            "shell",
+            "bytes",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo out; echo err >&2",
+        ],
         b"",
     );
     assert_ok(&out, "stderr");
@@ -130,7 +137,16 @@ async fn shell_without_a_tty_carries_bytes_exactly() {
     // The environment (and with it a secret) reaches the command...
     let out = piped(
         &h,
-        &["shell", "bytes", "--setenv", "SECRET=s3cr3t-value", "--", "/bin/sh", "-c", "echo $SECRET"],
+        &[
+            "shell",
+            "bytes",
+            "--setenv",
+            "SECRET=s3cr3t-value",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo $SECRET",
+        ],
         b"",
     );
     assert_eq!(text(&out.stdout), "s3cr3t-value\n");
@@ -152,7 +168,11 @@ async fn shell_without_a_tty_carries_bytes_exactly() {
         "2",
     ]);
     assert_ok(&out, "busctl Execute");
-    assert!(text(&out.stdout).contains("hello\n"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("hello\n"),
+        "{}",
+        text(&out.stdout)
+    );
     assert_ok(&h.rmachinectl(&["stop", "bytes"]), "stop");
 }
 
@@ -164,7 +184,15 @@ async fn a_request_never_appears_on_an_argv() {
     let h = Harness::start_with(|c| write_definition(c, "argv", &root, NO_NET));
     start(&h, "argv");
     let mut child = rmachinectl(&h)
-        .args(["shell", "argv", "--setenv", "TOKEN=hunter2-secret", "--", "/bin/sleep", "30"])
+        .args([
+            "shell",
+            "argv",
+            "--setenv",
+            "TOKEN=hunter2-secret",
+            "--",
+            "/bin/sleep",
+            "30",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
@@ -216,16 +244,32 @@ async fn oversized_commands_are_refused_at_once() {
     let started = Instant::now();
     let result = manager.shell("big", "", &["/bin/true"], &env).await;
     assert_eq!(error_name(result), "org.rmachines1.TooLarge");
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 
     let args: Vec<&str> = std::iter::repeat_n("x", 200_000).collect();
     let null = std::fs::File::open("/dev/null").unwrap();
     let started = Instant::now();
     let result = manager
-        .execute("big", "", &args, &[], null.as_fd().into(), null.as_fd().into(), null.as_fd().into())
+        .execute(
+            "big",
+            "",
+            &args,
+            &[],
+            null.as_fd().into(),
+            null.as_fd().into(),
+            null.as_fd().into(),
+        )
         .await;
     assert_eq!(error_name(result), "org.rmachines1.TooLarge");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_ok(&h.rmachinectl(&["stop", "big"]), "stop");
 }
 
@@ -267,7 +311,15 @@ async fn sigterm_ends_a_pending_shell_and_its_command() {
 
     // `timeout`: rmachinectl goes, and so does the command.
     let out = Command::new("timeout")
-        .args(["2", env!("CARGO_BIN_EXE_rmachinectl"), "shell", "term", "--", "/bin/sleep", "4321"])
+        .args([
+            "2",
+            env!("CARGO_BIN_EXE_rmachinectl"),
+            "shell",
+            "term",
+            "--",
+            "/bin/sleep",
+            "4321",
+        ])
         .env("DBUS_SYSTEM_BUS_ADDRESS", h.address())
         .stdin(Stdio::null())
         .output()
@@ -325,7 +377,10 @@ async fn cp_round_trips_a_tree() {
         assert!(seen.contains(expected), "{expected:?} not in {seen}");
     }
     // In under another name, and out again under another name.
-    assert_ok(&h.rmachinectl(&["cp", &tree_arg, "copy:/run/renamed"]), "cp in (renamed)");
+    assert_ok(
+        &h.rmachinectl(&["cp", &tree_arg, "copy:/run/renamed"]),
+        "cp in (renamed)",
+    );
     let back = work.path().join("back");
     assert_ok(
         &h.rmachinectl(&["cp", "copy:/run/renamed", &back.display().to_string()]),
@@ -341,26 +396,55 @@ async fn cp_round_trips_a_tree() {
             .unwrap();
         text(&out.stdout)
     };
-    assert_eq!(listing(&tree), listing(&back), "the tree came back different");
+    assert_eq!(
+        listing(&tree),
+        listing(&back),
+        "the tree came back different"
+    );
 
     // A guest symlink never leads to a host file.
-    let _ = h.rmachinectl(&["shell", "copy", "--", "/bin/sh", "-c", "ln -s /etc /run/etc-link"]);
+    let _ = h.rmachinectl(&[
+        "shell",
+        "copy",
+        "--",
+        "/bin/sh",
+        "-c",
+        "ln -s /etc /run/etc-link",
+    ]);
     let file = work.path().join("passwd-copy");
     assert_ok(
-        &h.rmachinectl(&["cp", "copy:/run/etc-link/passwd", &file.display().to_string()]),
+        &h.rmachinectl(&[
+            "cp",
+            "copy:/run/etc-link/passwd",
+            &file.display().to_string(),
+        ]),
         "cp through a guest symlink",
     );
-    let guest_passwd = text(&h.rmachinectl(&["shell", "copy", "--", "/bin/cat", "/etc/passwd"]).stdout);
+    let guest_passwd = text(
+        &h.rmachinectl(&["shell", "copy", "--", "/bin/cat", "/etc/passwd"])
+            .stdout,
+    );
     let copied = text(&std::fs::read(&file).unwrap());
     assert_eq!(copied, guest_passwd);
-    assert_ne!(copied, text(&std::fs::read("/etc/passwd").unwrap()), "the host's file came");
+    assert_ne!(
+        copied,
+        text(&std::fs::read("/etc/passwd").unwrap()),
+        "the host's file came"
+    );
     let link_copy = work.path().join("link-copy");
     assert_ok(
         &h.rmachinectl(&["cp", "copy:/run/etc-link", &link_copy.display().to_string()]),
         "cp of a guest symlink",
     );
-    assert_eq!(std::fs::read_link(&link_copy).unwrap(), std::path::Path::new("/etc"));
-    let missing = h.rmachinectl(&["cp", "copy:/run/no-such-file", &work.path().join("x").display().to_string()]);
+    assert_eq!(
+        std::fs::read_link(&link_copy).unwrap(),
+        std::path::Path::new("/etc")
+    );
+    let missing = h.rmachinectl(&[
+        "cp",
+        "copy:/run/no-such-file",
+        &work.path().join("x").display().to_string(),
+    ]);
     assert!(!missing.status.success());
     assert_ok(&h.rmachinectl(&["stop", "copy"]), "stop");
 }
@@ -419,7 +503,10 @@ async fn logs_prints_and_follows_the_console() {
                 break;
             }
             seen.extend_from_slice(&buffer[..n]);
-            if tx.send(String::from_utf8_lossy(&seen).into_owned()).is_err() {
+            if tx
+                .send(String::from_utf8_lossy(&seen).into_owned())
+                .is_err()
+            {
                 break;
             }
         }
@@ -442,7 +529,11 @@ async fn logs_prints_and_follows_the_console() {
         "talk",
     ]);
     assert!(!denied.status.success());
-    assert!(text(&denied.stderr).contains("AccessDenied"), "{}", text(&denied.stderr));
+    assert!(
+        text(&denied.stderr).contains("AccessDenied"),
+        "{}",
+        text(&denied.stderr)
+    );
     assert_ok(&h.rmachinectl(&["stop", "talk"]), "stop");
 }
 
@@ -479,7 +570,12 @@ fn process_exists(pid: u32) -> bool {
 async fn a_machine_that_ran_and_ended_started() {
     let root = support::fixture("busybox");
     let h = Harness::start_with(|c| {
-        write_definition(c, "quick", &root, &format!("boot = false\ncommand = [\"/bin/true\"]\n{NO_NET}"))
+        write_definition(
+            c,
+            "quick",
+            &root,
+            &format!("boot = false\ncommand = [\"/bin/true\"]\n{NO_NET}"),
+        )
     });
     for round in 0..40 {
         let out = h.rmachinectl(&["start", "quick"]);
@@ -599,7 +695,9 @@ async fn a_killed_supervisor_leaves_nothing_and_always_restarts() {
     assert!(cgroup.exists(), "{}", cgroup.display());
     assert!(link_exists(&veth), "{veth}");
     kill9(supervisor_of("orphan"));
-    wait_until("init is gone", Duration::from_secs(10), || !process_exists(leader));
+    wait_until("init is gone", Duration::from_secs(10), || {
+        !process_exists(leader)
+    });
     wait_until("the machine is failed", Duration::from_secs(10), || {
         state_of(&h, "orphan") == "failed"
     });
@@ -609,7 +707,10 @@ async fn a_killed_supervisor_leaves_nothing_and_always_restarts() {
     start(&h, "orphan");
     let inits = h.rmachinectl(&["shell", "orphan", "--", "/bin/ps"]);
     assert_eq!(
-        text(&inits.stdout).lines().filter(|l| l.trim_end().ends_with(" init")).count(),
+        text(&inits.stdout)
+            .lines()
+            .filter(|l| l.trim_end().ends_with(" init"))
+            .count(),
         1,
         "{}",
         text(&inits.stdout)
@@ -617,7 +718,9 @@ async fn a_killed_supervisor_leaves_nothing_and_always_restarts() {
 
     let leader = leader_of(&h, "phoenix");
     kill9(supervisor_of("phoenix"));
-    wait_until("init is gone", Duration::from_secs(10), || !process_exists(leader));
+    wait_until("init is gone", Duration::from_secs(10), || {
+        !process_exists(leader)
+    });
     wait_until("the machine runs again", Duration::from_secs(20), || {
         state_of(&h, "phoenix") == "running" && leader_of(&h, "phoenix") != leader
     });
@@ -641,14 +744,18 @@ async fn shell_without_fd_passing_gets_an_error_reply() {
         .expect("a unix:path= bus address")
         .to_owned();
     let mut socket = UnixStream::connect(&path).expect("connect to the bus");
-    socket.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     // SASL without NEGOTIATE_UNIX_FD.
     let uid_hex: String = nix::unistd::getuid()
         .to_string()
         .bytes()
         .map(|b| format!("{b:02x}"))
         .collect();
-    socket.write_all(format!("\0AUTH EXTERNAL {uid_hex}\r\n").as_bytes()).unwrap();
+    socket
+        .write_all(format!("\0AUTH EXTERNAL {uid_hex}\r\n").as_bytes())
+        .unwrap();
     let mut line = [0u8; 256];
     let n = socket.read(&mut line).unwrap();
     assert!(line[..n].starts_with(b"OK "), "{}", text(&line[..n]));

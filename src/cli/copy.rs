@@ -91,8 +91,7 @@ impl CopyOptions {
                 copy_out(manager, &name, &path, &destination).await
             }
             _ => Err(CliError::Failed(
-                "one of SOURCE and DESTINATION must be MACHINE:/PATH, the other a host path"
-                    .into(),
+                "one of SOURCE and DESTINATION must be MACHINE:/PATH, the other a host path".into(),
             )),
         }
     }
@@ -133,7 +132,11 @@ async fn copy_in(
         _ => PathBuf::from("."),
     };
     let destination = destination.trim_end_matches('/');
-    let destination = if destination.is_empty() { "/" } else { destination };
+    let destination = if destination.is_empty() {
+        "/"
+    } else {
+        destination
+    };
     let (read, write) = pipe()?;
     let mut tar = Command::new("tar")
         .arg("-C")
@@ -150,7 +153,14 @@ async fn copy_in(
         manager,
         machine,
         "",
-        &["/bin/sh", "-c", EXTRACT_IN_MACHINE, "sh", destination, &name],
+        &[
+            "/bin/sh",
+            "-c",
+            EXTRACT_IN_MACHINE,
+            "sh",
+            destination,
+            &name,
+        ],
         &[],
         [read.as_fd(), null.as_fd(), stderr.as_fd()],
     )
@@ -200,7 +210,12 @@ async fn copy_out(
     let staging = tempfile::Builder::new()
         .prefix(".rmachines-cp.")
         .tempdir_in(&directory)
-        .map_err(|e| CliError::Failed(format!("creating a directory in {}: {e}", directory.display())))?;
+        .map_err(|e| {
+            CliError::Failed(format!(
+                "creating a directory in {}: {e}",
+                directory.display()
+            ))
+        })?;
     let (read, write) = pipe()?;
     // GNU tar refuses members with `..` or a leading `/`, and creates the
     // archive's symlinks only after every file (so none is followed).
@@ -241,9 +256,8 @@ async fn copy_out(
         return Err(tar_failed(host));
     }
     let extracted = staging.path().join(&name);
-    std::fs::symlink_metadata(&extracted).map_err(|_| {
-        CliError::Failed(format!("machine {machine} sent no {name:?}"))
-    })?;
+    std::fs::symlink_metadata(&extracted)
+        .map_err(|_| CliError::Failed(format!("machine {machine} sent no {name:?}")))?;
     std::fs::rename(&extracted, &final_path).map_err(|e| {
         CliError::Failed(format!("moving the copy to {}: {e}", final_path.display()))
     })?;
@@ -271,7 +285,10 @@ mod tests {
             parse_location("./a:b").unwrap(),
             Location::Host("./a:b".into())
         );
-        assert_eq!(parse_location("plain").unwrap(), Location::Host("plain".into()));
+        assert_eq!(
+            parse_location("plain").unwrap(),
+            Location::Host("plain".into())
+        );
         assert!(parse_location("web:relative").is_err());
         assert!(parse_location("Bad_Name:/x").is_err());
     }

@@ -1,9 +1,9 @@
 //! `org.rmachines1.Manager` at `/org/rmachines1`.
 
+use futures_util::StreamExt;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{self, OwnedObjectPath};
-use futures_util::StreamExt;
 use zbus::{interface, Connection};
 
 use super::error::Error;
@@ -260,7 +260,10 @@ async fn caller_takes_fds(
     let serial = probe.primary_header().serial_num();
     let mut incoming = zbus::MessageStream::from(connection);
     connection.send(&probe).await?;
-    zbus::fdo::DBusProxy::new(connection).await?.get_id().await?;
+    zbus::fdo::DBusProxy::new(connection)
+        .await?
+        .get_id()
+        .await?;
     while let Some(Some(message)) = incoming.next().now_or_never() {
         let Ok(message) = message else { continue };
         let header = message.header();

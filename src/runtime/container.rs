@@ -74,15 +74,16 @@ pub fn inspect_init(plan: &MachinePlan) -> Result<InitKind, RuntimeError> {
         "opening machine root {}",
         def.root.display()
     )))?;
-    let fd = sys::open_in_root(root.as_fd(), Path::new(&command), libc::O_PATH).map_err(|err| {
-        match err.raw_os_error() {
-            Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => no_init(),
-            _ => RuntimeError::io(format!(
-                "resolving {command} in machine root {}",
-                def.root.display()
-            ))(err),
-        }
-    })?;
+    let fd =
+        sys::open_in_root(root.as_fd(), Path::new(&command), libc::O_PATH).map_err(
+            |err| match err.raw_os_error() {
+                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => no_init(),
+                _ => RuntimeError::io(format!(
+                    "resolving {command} in machine root {}",
+                    def.root.display()
+                ))(err),
+            },
+        )?;
     let meta = fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|_| no_init())?;
     use std::os::unix::fs::PermissionsExt;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {

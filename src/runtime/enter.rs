@@ -231,7 +231,9 @@ pub fn main(_args: &[String]) -> i32 {
     let spec = match read_spec() {
         Ok(spec) => spec,
         Err(err) => {
-            eprintln!("rmachined __enter: {err} (the daemon runs this helper; it takes no arguments)");
+            eprintln!(
+                "rmachined __enter: {err} (the daemon runs this helper; it takes no arguments)"
+            );
             return 2;
         }
     };
@@ -383,8 +385,7 @@ fn exec_as_user(spec: &EnterSpec, program: &seccompiler::BpfProgram) -> RuntimeE
             .map_err(errno("setresuid"))?;
         // After the credential change, which clears it (prctl(2)): the
         // command is hung up when the helper above it dies.
-        sys::set_parent_death_signal(libc::SIGHUP)
-            .map_err(RuntimeError::io("PR_SET_PDEATHSIG"))?;
+        sys::set_parent_death_signal(libc::SIGHUP).map_err(RuntimeError::io("PR_SET_PDEATHSIG"))?;
         if nix::unistd::chdir(Path::new(&user.home)).is_err() {
             nix::unistd::chdir("/").map_err(errno("chdir /"))?;
         }
