@@ -615,7 +615,7 @@ async fn a_bad_definition_name_never_breaks_list() {
 #[tokio::test(flavor = "multi_thread")]
 async fn many_machines_on_one_tree_start_together_round_after_round() {
     let root = support::fixture("busybox");
-    let names: Vec<String> = (0..16).map(|i| format!("same{i}")).collect();
+    let names: Vec<String> = (0..20).map(|i| format!("same{i}")).collect();
     let h = Harness::start_with(|c| {
         for name in &names {
             write_definition(c, name, &root, NO_NET);
@@ -625,7 +625,7 @@ async fn many_machines_on_one_tree_start_together_round_after_round() {
     start.extend(names.iter().map(String::as_str));
     let mut stop = vec!["stop"];
     stop.extend(names.iter().map(String::as_str));
-    for round in 0..5 {
+    for round in 0..6 {
         let out = h.rmachinectl(&start);
         assert_ok(&out, &format!("start, round {round}"));
         assert_ok(&h.rmachinectl(&stop), &format!("stop, round {round}"));
