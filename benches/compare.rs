@@ -4,7 +4,8 @@
 //!     scripts/bench.sh --quick    # CI: N <= 10, few repetitions
 //!     scripts/bench.sh --only density --sweep 500   # one case, prints only
 //!
-//! Cases for `--only`: boot (and stop), start, shell, density.
+//! Cases for `--only` (comma-separated): boot (and stop), start, shell,
+//! exec (throughput through `shell -T`), density.
 //!
 //! Runs alternate between rmachines and the reference. Figures are medians
 //! and p95 of this run's own measurements; nothing is typed in. Needs root,
@@ -342,8 +343,94 @@ fn shell_round_trip(opts: &Options, rows: &mut Vec<Row>) {
         reference,
         reference_name: "nsenter -t PID -a /bin/true".into(),
         unit: "ms",
-        target: "ratio <= 3".into(),
+        target: "ratio <= 2".into(),
     });
+}
+
+/// Bytes per throughput run.
+const EXEC_BYTES: u64 = 256 << 20;
+
+/// Runs `command` with `EXEC_BYTES` of zeros on its stdin (`feed`) or reads
+/// and counts its stdout; returns MB/s.
+fn throughput(command: &mut Command, feed: bool) -> f64 {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut child = command
+        .stdin(if feed { Stdio::piped() } else { Stdio::null() })
+        .stdout(if feed { Stdio::null() } else { Stdio::piped() })
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let buffer = vec![0u8; 128 * 1024];
+    let mut moved = 0u64;
+    if feed {
+        let mut stdin = child.stdin.take().unwrap();
+        while moved < EXEC_BYTES {
+            stdin.write_all(&buffer).expect("feed the command");
+            moved += buffer.len() as u64;
+        }
+    } else {
+        let mut stdout = child.stdout.take().unwrap();
+        let mut buffer = buffer;
+        loop {
+            match stdout.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => moved += n as u64,
+                Err(e) => panic!("reading the command: {e}"),
+            }
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(moved, EXEC_BYTES, "bytes moved");
+    EXEC_BYTES as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
+fn exec_throughput(opts: &Options, rows: &mut Vec<Row>) {
+    let tree = support::fixture("busybox");
+    let h =
+        Harness::start_with(|c| write_definition(c, "io", &tree, "[network]\nmode = \"none\"\n"));
+    rmachinectl(&h, &["start", "io"]);
+    let status = h.rmachinectl(&["status", "io", "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let leader = info["leader"].as_u64().unwrap().to_string();
+    let produce = format!(
+        "dd if=/dev/zero bs=131072 count={} 2>/dev/null",
+        EXEC_BYTES / 131072
+    );
+    let consume = "cat >/dev/null";
+    for (case, feed, script) in [
+        (
+            "exec throughput out (256 MiB, command to caller)",
+            false,
+            produce.as_str(),
+        ),
+        (
+            "exec throughput in (256 MiB, caller to command)",
+            true,
+            consume,
+        ),
+    ] {
+        let (mut ours, mut reference) = (vec![], vec![]);
+        for _ in 0..opts.runs {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_rmachinectl"));
+            command
+                .env("DBUS_SYSTEM_BUS_ADDRESS", h.address())
+                .args(["shell", "-T", "io", "--", "/bin/sh", "-c", script]);
+            ours.push(throughput(&mut command, feed));
+            let mut command = Command::new("nsenter");
+            command.args(["-t", &leader, "-a", "/bin/sh", "-c", script]);
+            reference.push(throughput(&mut command, feed));
+        }
+        rows.push(Row {
+            case: case.into(),
+            ours,
+            reference,
+            reference_name: "nsenter -t PID -a, same command".into(),
+            unit: "MB/s",
+            target: "ratio >= 0.8".into(),
+        });
+    }
+    rmachinectl(&h, &["stop", "io"]);
 }
 
 /// One point of the density sweep.
@@ -636,7 +723,10 @@ fn main() {
             .cloned()
     };
     let only = value_of("--only");
-    let runs_case = |case: &str| only.as_deref().is_none_or(|o| o == case);
+    let runs_case = |case: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|c| c == case))
+    };
     let sweep = match value_of("--sweep") {
         Some(list) => list
             .split(',')
@@ -666,6 +756,10 @@ fn main() {
     if runs_case("shell") {
         eprintln!("shell round trip ...");
         shell_round_trip(&opts, &mut rows);
+    }
+    if runs_case("exec") {
+        eprintln!("exec throughput ...");
+        exec_throughput(&opts, &mut rows);
     }
     let mut points = Vec::new();
     if runs_case("density") {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::definition::{load_dir, validate_name, Definition};
 use crate::network::{self, NetworkConfig};
@@ -74,6 +74,13 @@ pub struct ShellSession {
     pub session: u32,
 }
 
+/// A running machine and the guest user a session runs as.
+struct SessionTarget {
+    plan: MachinePlan,
+    leader: u32,
+    user: enter::GuestUser,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReloadSummary {
     pub added: Vec<String>,
@@ -117,6 +124,8 @@ struct Inner {
     next_session: AtomicU32,
     /// The host's systemd, when PID 1 is systemd (see [`Manager::use_systemd`]).
     systemd: std::sync::OnceLock<crate::systemd::Host>,
+    /// Running sessions: a word to their waiter hangs the command up.
+    sessions: Mutex<std::collections::HashMap<u32, oneshot::Sender<()>>>,
 }
 
 struct Entry {
@@ -190,6 +199,7 @@ impl Manager {
                 events,
                 next_session: AtomicU32::new(1),
                 systemd: std::sync::OnceLock::new(),
+                sessions: Mutex::new(std::collections::HashMap::new()),
             }),
         };
         manager.reload().await?;
@@ -224,12 +234,15 @@ impl Manager {
         self.lock().values().map(|e| e.info.clone()).collect()
     }
 
+    /// A known machine's snapshot. A definition file whose stem is no valid
+    /// name is still known (listed `failed`, with why): it is found too, so
+    /// one bad file never breaks listing.
     pub fn get(&self, name: &str) -> Result<MachineInfo, ManagerError> {
+        if let Some(entry) = self.lock().get(name) {
+            return Ok(entry.info.clone());
+        }
         check_name(name)?;
-        self.lock()
-            .get(name)
-            .map(|e| e.info.clone())
-            .ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))
+        Err(ManagerError::NoSuchMachine(name.to_owned()))
     }
 
     /// Connects to a supervisor left by an earlier daemon, if one runs.
@@ -303,7 +316,8 @@ impl Manager {
                 error: "the supervisor exited without a final state".into(),
                 boots: 0,
             });
-            if last.state.is_active() {
+            let died = last.state.is_active();
+            if died {
                 last.state = MachineState::Failed;
                 last.error = format!(
                     "the supervisor died unexpectedly; see {}",
@@ -312,13 +326,41 @@ impl Manager {
             }
             last.leader = 0;
             manager.sync_registration(&name, &last).await;
-            if let Some(entry) = manager.lock().get_mut(&name) {
-                entry.supervisor = None;
-                entry.plan = None;
+            let (plan, restart) = match manager.lock().get_mut(&name) {
+                Some(entry) => {
+                    entry.supervisor = None;
+                    let restart = entry.definition.as_ref().map(|d| d.restart).ok();
+                    (entry.plan.take(), restart)
+                }
+                None => (None, None),
+            };
+            if died {
+                // Its machine died with it (PDEATHSIG); what it would have
+                // cleaned up is cleaned here, before anyone starts it again.
+                let cleanup_name = name.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    supervisor::remove_leftovers(&dir, &cleanup_name);
+                    if let Some(net) = plan.as_ref().and_then(|p| p.network.as_ref()) {
+                        if let Err(err) = network::firewall::leave(net) {
+                            tracing::warn!(machine = %cleanup_name, %err, "removing a dead supervisor's network");
+                        }
+                    }
+                })
+                .await;
             }
             manager.apply_status(&name, &last);
             let _ = status_tx.send(Some(last));
             manager.forget_if_undefined(&name);
+            let restart_policy = restart.is_some_and(|r| r != crate::definition::RestartPolicy::No);
+            if died && restart_policy {
+                tracing::warn!(machine = %name, "the supervisor died; restarting the machine (restart policy)");
+                let manager = manager.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = manager.start(&name).await {
+                        tracing::error!(machine = %name, %err, "restart after the supervisor's death failed");
+                    }
+                });
+            }
         });
         SupervisorLink { commands, status }
     }
@@ -423,7 +465,9 @@ impl Manager {
                 loop {
                     let current = status.borrow_and_update().clone();
                     if let Some(st) = current {
-                        if st.leader != 0 || st.state == MachineState::Running {
+                        // `boots`: init was executed, even if it ended
+                        // before we looked (a command that exits at once).
+                        if st.leader != 0 || st.state == MachineState::Running || st.boots > 0 {
                             return Ok(());
                         }
                         if !st.state.is_active() {
@@ -607,6 +651,82 @@ impl Manager {
         command: Vec<String>,
         environment: Vec<String>,
     ) -> Result<ShellSession, ManagerError> {
+        let target = self.session_target(name, user, &environment).await?;
+        let failed = |message: String| ManagerError::Failed {
+            name: name.to_owned(),
+            message,
+        };
+        let (master, slave) = enter::open_guest_pty(
+            target.leader as i32,
+            target.plan.ids.base + target.user.uid,
+            target.plan.ids.base + 5,
+        )
+        .map_err(|e| failed(e.to_string()))?;
+        let term = environment
+            .iter()
+            .find_map(|e| e.strip_prefix("TERM="))
+            .unwrap_or("xterm-256color")
+            .to_owned();
+        let stdio = || slave.try_clone().map_err(|e| failed(e.to_string()));
+        let stdio = [stdio()?, stdio()?, stdio()?];
+        drop(slave);
+        let session = self.spawn_session(name, target, &term, command, environment, stdio, true)?;
+        Ok(ShellSession {
+            pty_master: master,
+            session,
+        })
+    }
+
+    /// Starts `command` (empty: the user's login shell) as `user` (empty:
+    /// root) inside the machine with `stdio` (the caller's descriptors) as
+    /// its fd 0, 1 and 2: no pty, no relay. Returns the session number that
+    /// [`Event::ShellExited`] reports.
+    pub async fn execute(
+        &self,
+        name: &str,
+        user: &str,
+        command: Vec<String>,
+        environment: Vec<String>,
+        stdio: [OwnedFd; 3],
+    ) -> Result<u32, ManagerError> {
+        let target = self.session_target(name, user, &environment).await?;
+        let term = environment
+            .iter()
+            .find_map(|e| e.strip_prefix("TERM="))
+            .unwrap_or("dumb")
+            .to_owned();
+        self.spawn_session(name, target, &term, command, environment, stdio, false)
+    }
+
+    fn sessions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u32, oneshot::Sender<()>>> {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends a session whose caller went away: its command gets SIGHUP (as
+    /// from a terminal hangup), the helpers SIGKILL. Returns whether it ran.
+    pub fn hang_up(&self, session: u32) -> bool {
+        self.sessions()
+            .remove(&session)
+            .is_some_and(|hang_up| hang_up.send(()).is_ok())
+    }
+
+    /// Whether a session is still running.
+    pub fn session_running(&self, session: u32) -> bool {
+        self.sessions().contains_key(&session)
+    }
+
+    /// Checks what a shell session needs: a running machine, the user in it.
+    async fn session_target(
+        &self,
+        name: &str,
+        user: &str,
+        environment: &[String],
+    ) -> Result<SessionTarget, ManagerError> {
         check_name(name)?;
         if let Some(bad) = environment
             .iter()
@@ -648,7 +768,7 @@ impl Manager {
                 message: format!("no answer within {GUEST_LOOKUP_TIMEOUT:?}"),
             })),
         };
-        let guest_user = lookup.map_err(|err| match err {
+        let user = lookup.map_err(|err| match err {
             enter::EnterError::NoSuchUser(user) => ManagerError::NoSuchUser {
                 machine: name.to_owned(),
                 user,
@@ -659,54 +779,96 @@ impl Manager {
                 message: other.to_string(),
             },
         })?;
+        Ok(SessionTarget { plan, leader, user })
+    }
+
+    /// Runs the enter helper with `stdio` and reports its end as
+    /// [`Event::ShellExited`].
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_session(
+        &self,
+        name: &str,
+        target: SessionTarget,
+        term: &str,
+        command: Vec<String>,
+        environment: Vec<String>,
+        stdio: [OwnedFd; 3],
+        controlling_tty: bool,
+    ) -> Result<u32, ManagerError> {
         let failed = |message: String| ManagerError::Failed {
             name: name.to_owned(),
             message,
         };
-        let (master, slave) = enter::open_guest_pty(
-            leader as i32,
-            plan.ids.base + guest_user.uid,
-            plan.ids.base + 5,
-        )
-        .map_err(|e| failed(e.to_string()))?;
-        let term = environment
-            .iter()
-            .find_map(|e| e.strip_prefix("TERM="))
-            .unwrap_or("xterm-256color")
-            .to_owned();
         let spec = enter::EnterSpec {
-            leader: leader as i32,
-            cgroup: plan.cgroup.clone(),
-            env: enter::environment(&guest_user, &term, &environment),
+            leader: target.leader as i32,
+            cgroup: target.plan.cgroup.clone(),
+            env: enter::environment(&target.user, term, &environment),
             argv: command,
-            user: guest_user,
-            controlling_tty: true,
+            user: target.user,
+            controlling_tty,
         };
-        let mut std_command = enter::spec_command(&self.inner.helper, &spec);
-        let stdio = |fd: &OwnedFd| fd.try_clone().map(std::process::Stdio::from);
+        let mut std_command =
+            enter::spec_command(&self.inner.helper, &spec).map_err(|e| failed(e.to_string()))?;
+        let [stdin, stdout, stderr] = stdio;
         std_command
-            .stdin(stdio(&slave).map_err(|e| failed(e.to_string()))?)
-            .stdout(stdio(&slave).map_err(|e| failed(e.to_string()))?)
-            .stderr(stdio(&slave).map_err(|e| failed(e.to_string()))?);
+            .stdin(std::process::Stdio::from(stdin))
+            .stdout(std::process::Stdio::from(stdout))
+            .stderr(std::process::Stdio::from(stderr));
         let mut child = tokio::process::Command::from(std_command)
             .spawn()
-            .map_err(|e| failed(format!("starting the shell: {e}")))?;
-        drop(slave);
+            .map_err(|e| failed(format!("starting the command: {e}")))?;
+        // The Command (and with it our copies of the caller's descriptors
+        // and the spec memfd) is gone once spawned.
         let session = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let (hang_up, mut hung_up) = oneshot::channel();
+        self.sessions().insert(session, hang_up);
         let manager = self.clone();
         tokio::spawn(async move {
-            let status = match child.wait().await {
+            let waited = tokio::select! {
+                waited = child.wait() => waited,
+                Ok(()) = &mut hung_up => {
+                    // The helper's death takes the command along
+                    // (PDEATHSIG, see runtime::enter).
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let status = match waited {
                 Ok(st) => st.code().unwrap_or_else(|| {
                     128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
                 }),
                 Err(_) => 255,
             };
+            manager.sessions().remove(&session);
             manager.emit(Event::ShellExited { session, status });
         });
-        Ok(ShellSession {
-            pty_master: master,
-            session,
-        })
+        Ok(session)
+    }
+
+    /// The machine's console log, opened read-only: the rotated file
+    /// (`console.log.1`) first when there is one, then the current one.
+    /// Empty when the machine never ran.
+    pub fn console_logs(&self, name: &str) -> Result<Vec<OwnedFd>, ManagerError> {
+        self.get(name)?;
+        let dir = runtime::machine_dir(&self.inner.config.state_dir, name);
+        let mut logs = Vec::new();
+        for file in [
+            format!("{}.1", paths::CONSOLE_LOG),
+            paths::CONSOLE_LOG.to_owned(),
+        ] {
+            let path = dir.join(file);
+            match std::fs::File::open(&path) {
+                Ok(log) => logs.push(OwnedFd::from(log)),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(ManagerError::Io(format!(
+                        "opening {}: {err}",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        Ok(logs)
     }
 
     /// Re-reads the definitions; running machines are not disturbed.

@@ -1,7 +1,9 @@
 //! `rmachinectl`: the command-line client. It talks to rmachined only over
 //! D-Bus, through the proxies in [`crate::dbus::proxy`].
 
+mod copy;
 mod lifecycle;
+mod logs;
 mod query;
 mod shell;
 mod table;
@@ -35,6 +37,10 @@ enum Command {
     Restart(lifecycle::RestartOptions),
     /// Run a shell or a command inside a machine.
     Shell(shell::ShellOptions),
+    /// Copy a file or a tree into or out of a running machine.
+    Cp(copy::CopyOptions),
+    /// Print a machine's console output.
+    Logs(logs::LogsOptions),
     /// Make rmachined re-read the machine definitions; a running machine
     /// whose [resources] changed gets the new limits at once.
     Reload,
@@ -89,6 +95,8 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Stop(options) => options.run(&manager).await,
         Command::Restart(options) => options.run(&manager).await,
         Command::Shell(options) => options.run(&manager).await,
+        Command::Cp(options) => options.run(&manager).await,
+        Command::Logs(options) => options.run(&manager).await,
         Command::Reload => {
             manager.reload().await?;
             Ok(0)

@@ -15,6 +15,10 @@ pub enum Error {
     AccessDenied(String),
     InvalidArgument(String),
     NoSuchUser(String),
+    /// A command or environment beyond the documented limits.
+    TooLarge(String),
+    /// The caller's bus connection cannot carry Unix file descriptors.
+    FdPassingUnsupported(String),
     Failed(String),
 }
 

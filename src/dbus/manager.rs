@@ -1,5 +1,6 @@
 //! `org.rmachines1.Manager` at `/org/rmachines1`.
 
+use futures_util::StreamExt;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{self, OwnedObjectPath};
@@ -87,9 +88,71 @@ impl ManagerObject {
         auth::authorize(connection, &header, ACTION_SHELL, "Shell").await?;
         validate::machine_name(name)?;
         validate::user_name(user)?;
+        validate::command_size(&command, &environment)?;
         validate::environment(&environment)?;
+        // The reply carries a descriptor: a caller that cannot take one
+        // would get no reply at all (the bus drops it), and its session
+        // would run for nobody.
+        if let Some(caller) = header.sender() {
+            if !caller_takes_fds(connection, caller).await.unwrap_or(true) {
+                return Err(Error::FdPassingUnsupported(
+                    "Shell returns a pty as a Unix file descriptor, and this bus connection did not negotiate descriptor passing: connect over a Unix socket with a client that negotiates it (NEGOTIATE_UNIX_FD)".into(),
+                ));
+            }
+        }
         let session = self.manager.shell(name, user, command, environment).await?;
+        watch_caller(connection, &header, &self.manager, session.session);
         Ok((zvariant::OwnedFd::from(session.pty_master), session.session))
+    }
+
+    /// Runs `command` (empty: the login shell) as `user` (empty: root)
+    /// inside the machine with the caller's `stdin`, `stdout` and `stderr`
+    /// as its fd 0, 1 and 2: no pty, no relay. Its end is `ShellExited`.
+    #[zbus(out_args("session"))]
+    #[allow(clippy::too_many_arguments)]
+    async fn execute(
+        &self,
+        name: &str,
+        user: &str,
+        command: Vec<String>,
+        environment: Vec<String>,
+        stdin: zvariant::OwnedFd,
+        stdout: zvariant::OwnedFd,
+        stderr: zvariant::OwnedFd,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<u32, Error> {
+        auth::authorize(connection, &header, ACTION_SHELL, "Execute").await?;
+        validate::machine_name(name)?;
+        validate::user_name(user)?;
+        validate::command_size(&command, &environment)?;
+        validate::environment(&environment)?;
+        let stdio = [stdin.into(), stdout.into(), stderr.into()];
+        let session = self
+            .manager
+            .execute(name, user, command, environment, stdio)
+            .await?;
+        watch_caller(connection, &header, &self.manager, session);
+        Ok(session)
+    }
+
+    /// The machine's console log, opened read-only: `console.log.1` (the
+    /// rotated part) first when there is one, then `console.log`.
+    #[zbus(out_args("logs"))]
+    async fn open_console_log(
+        &self,
+        name: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<Vec<zvariant::OwnedFd>, Error> {
+        auth::authorize(connection, &header, ACTION_SHELL, "OpenConsoleLog").await?;
+        validate::machine_name(name)?;
+        Ok(self
+            .manager
+            .console_logs(name)?
+            .into_iter()
+            .map(zvariant::OwnedFd::from)
+            .collect())
     }
 
     /// Re-reads the definitions; running machines are not disturbed.
@@ -121,4 +184,94 @@ impl ManagerObject {
         session: u32,
         status: i32,
     ) -> zbus::Result<()>;
+}
+
+/// Hangs `session` up when its caller leaves the bus (`timeout`, Ctrl-C or
+/// a kill of rmachinectl): a command is never left running for nobody.
+fn watch_caller(connection: &Connection, header: &Header<'_>, manager: &Manager, session: u32) {
+    let Some(caller) = header.sender().map(|s| s.to_owned()) else {
+        return;
+    };
+    let connection = connection.clone();
+    let manager = manager.clone();
+    tokio::spawn(async move {
+        let watch = async {
+            let bus = zbus::fdo::DBusProxy::new(&connection).await?;
+            let mut changes = bus
+                .receive_name_owner_changed_with_args(&[(0, caller.as_str())])
+                .await?;
+            // Gone before the match was in place?
+            if !bus.name_has_owner(caller.as_ref().into()).await? {
+                return Ok::<(), zbus::Error>(());
+            }
+            let mut events = manager.subscribe();
+            if !manager.session_running(session) {
+                return Err(zbus::Error::Failure(String::new()));
+            }
+            loop {
+                tokio::select! {
+                    change = changes.next() => match change {
+                        Some(change) => {
+                            if change.args()?.new_owner().is_none() {
+                                return Ok(());
+                            }
+                        }
+                        None => return Ok(()),
+                    },
+                    event = events.recv() => match event {
+                        Ok(crate::manager::Event::ShellExited { session: ended, .. }) if ended == session => {
+                            return Err(zbus::Error::Failure(String::new()));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            return Err(zbus::Error::Failure(String::new()));
+                        }
+                        _ => {
+                            if !manager.session_running(session) {
+                                return Err(zbus::Error::Failure(String::new()));
+                            }
+                        }
+                    },
+                }
+            }
+        };
+        // Ok: the caller left; an error: the session ended first (or the
+        // watch could not be set up, then the session runs to its end).
+        if watch.await.is_ok() && manager.hang_up(session) {
+            tracing::info!(session, caller = %caller, "caller left the bus: session hung up");
+        }
+    });
+}
+
+/// Whether `caller`'s bus connection takes Unix fds. The bus tells only by
+/// refusing: a unicast signal carrying one (interface
+/// `org.rmachines1.FdProbe`, which clients ignore) comes back as an error
+/// when not. A round trip to the bus afterwards orders that error before
+/// its reply.
+async fn caller_takes_fds(
+    connection: &Connection,
+    caller: &zbus::names::UniqueName<'_>,
+) -> zbus::Result<bool> {
+    use futures_util::FutureExt;
+    let null = std::fs::File::open("/dev/null")
+        .map_err(|e| zbus::Error::Failure(format!("opening /dev/null: {e}")))?;
+    let probe = zbus::message::Message::signal(MANAGER_PATH, "org.rmachines1.FdProbe", "Probe")?
+        .destination(caller.as_str())?
+        .build(&(zvariant::Fd::from(&null),))?;
+    let serial = probe.primary_header().serial_num();
+    let mut incoming = zbus::MessageStream::from(connection);
+    connection.send(&probe).await?;
+    zbus::fdo::DBusProxy::new(connection)
+        .await?
+        .get_id()
+        .await?;
+    while let Some(Some(message)) = incoming.next().now_or_never() {
+        let Ok(message) = message else { continue };
+        let header = message.header();
+        if header.message_type() == zbus::message::Type::Error
+            && header.reply_serial() == Some(serial)
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

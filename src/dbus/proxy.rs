@@ -28,6 +28,20 @@ pub trait Manager {
         environment: &[&str],
     ) -> zbus::Result<(OwnedFd, u32)>;
 
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        &self,
+        name: &str,
+        user: &str,
+        command: &[&str],
+        environment: &[&str],
+        stdin: zbus::zvariant::Fd<'_>,
+        stdout: zbus::zvariant::Fd<'_>,
+        stderr: zbus::zvariant::Fd<'_>,
+    ) -> zbus::Result<u32>;
+
+    fn open_console_log(&self, name: &str) -> zbus::Result<Vec<OwnedFd>>;
+
     fn reload(&self) -> zbus::Result<()>;
 
     #[zbus(signal)]

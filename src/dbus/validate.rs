@@ -41,6 +41,51 @@ pub(crate) fn user_name(user: &str) -> Result<(), Error> {
     }
 }
 
+/// Most arguments a command may have.
+pub(crate) const MAX_ARGUMENTS: usize = 8192;
+/// Most environment entries a command may get.
+pub(crate) const MAX_ENVIRONMENT: usize = 4096;
+/// Most bytes of one argument or entry (the kernel's MAX_ARG_STRLEN less
+/// the NUL).
+pub(crate) const MAX_STRING: usize = 128 * 1024 - 1;
+/// Most bytes of command and environment together: half the usual
+/// execve(2) limit (ARG_MAX, 2 MiB), leaving room for what rmachined adds.
+pub(crate) const MAX_TOTAL: usize = 1024 * 1024;
+
+/// Bounds a command and its environment before anything else looks at
+/// them, in one pass: `TooLarge` names the limit exceeded.
+pub(crate) fn command_size(command: &[String], environment: &[String]) -> Result<(), Error> {
+    if command.len() > MAX_ARGUMENTS {
+        return Err(Error::TooLarge(format!(
+            "the command has {} arguments; at most {MAX_ARGUMENTS} are accepted",
+            command.len()
+        )));
+    }
+    if environment.len() > MAX_ENVIRONMENT {
+        return Err(Error::TooLarge(format!(
+            "the environment has {} entries; at most {MAX_ENVIRONMENT} are accepted",
+            environment.len()
+        )));
+    }
+    let mut total = 0usize;
+    for item in command.iter().chain(environment) {
+        if item.len() > MAX_STRING {
+            return Err(Error::TooLarge(format!(
+                "an argument or environment entry of {} bytes ({}); at most {MAX_STRING} bytes each",
+                item.len(),
+                echo(item)
+            )));
+        }
+        total += item.len() + 1;
+    }
+    if total > MAX_TOTAL {
+        return Err(Error::TooLarge(format!(
+            "command and environment take {total} bytes; at most {MAX_TOTAL} are accepted"
+        )));
+    }
+    Ok(())
+}
+
 /// Each entry must be `KEY=VALUE` with a shell-style key.
 pub(crate) fn environment(entries: &[String]) -> Result<(), Error> {
     for entry in entries {
@@ -108,6 +153,24 @@ mod tests {
         assert!(environment(&["=1".into()]).is_err());
         assert!(environment(&["A".into()]).is_err());
         assert!(environment(&["1A=x".into()]).is_err());
+    }
+
+    #[test]
+    fn command_sizes_are_bounded() {
+        assert!(command_size(&["/bin/true".into()], &["A=1".into()]).is_ok());
+        let many = vec!["x".to_owned(); MAX_ARGUMENTS + 1];
+        assert!(command_size(&many, &[]).is_err());
+        let env = vec!["A=1".to_owned(); MAX_ENVIRONMENT + 1];
+        assert!(command_size(&[], &env).is_err());
+        assert!(command_size(&["x".repeat(MAX_STRING + 1)], &[]).is_err());
+        assert!(command_size(&["x".repeat(MAX_STRING)], &[]).is_ok());
+        let big = vec!["x".repeat(MAX_STRING); 9];
+        assert!(command_size(&big, &[]).is_err());
+        // 200 000 entries are refused at once (linear, no per-entry work).
+        let huge = vec!["A=1".to_owned(); 200_000];
+        let started = std::time::Instant::now();
+        assert!(command_size(&[], &huge).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

@@ -62,8 +62,16 @@ pub fn inspect_init(plan: &MachinePlan) -> Result<InitKind, RuntimeError> {
         "opening machine root {}",
         def.root.display()
     )))?;
-    let fd = sys::open_in_root(root.as_fd(), Path::new(&command), libc::O_PATH)
-        .map_err(|_| no_init())?;
+    let fd =
+        sys::open_in_root(root.as_fd(), Path::new(&command), libc::O_PATH).map_err(
+            |err| match err.raw_os_error() {
+                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => no_init(),
+                _ => RuntimeError::io(format!(
+                    "resolving {command} in machine root {}",
+                    def.root.display()
+                ))(err),
+            },
+        )?;
     let meta = fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|_| no_init())?;
     use std::os::unix::fs::PermissionsExt;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
@@ -240,6 +248,10 @@ pub fn spawn(plan: &MachinePlan, res: &BootResources<'_>) -> Result<Container, R
             match parent_setup(plan, res, pid, parent_sock.as_fd(), setup) {
                 Ok(()) => Ok(container),
                 Err(err) => {
+                    // A child that died before exec is why a later step of
+                    // ours failed (no such process, a closed socket): its
+                    // own message is the one to report.
+                    let err = child_error(parent_sock.as_fd()).unwrap_or(err);
                     let _ = sys::pidfd_send_signal(container.pidfd.as_fd(), libc::SIGKILL);
                     let _ = sys::waitid_pidfd(container.pidfd.as_fd(), false);
                     Err(err)
@@ -265,6 +277,19 @@ struct Setup<'a> {
 
 /// The parent's half: id maps, idmapped trees, the mount setup process,
 /// the network, then RUN and wait for exec.
+
+/// The error message a failed child left on the setup socket, if any.
+fn child_error(sock: BorrowedFd<'_>) -> Option<RuntimeError> {
+    let mut buf = vec![0u8; 4096];
+    match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+        Ok(n) if n > 0 => Some(RuntimeError::Child(
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+        )),
+        _ => None,
+    }
+}
+
+/// The parent's half: id maps, idmapped mounts, then wait for exec.
 fn parent_setup(
     plan: &MachinePlan,
     res: &BootResources<'_>,
@@ -505,6 +530,17 @@ fn mount_setup_main(
 
     for (bind, tree) in plan.definition.binds.iter().zip(trees) {
         let source_is_dir = bind.source.is_dir();
+        if plan.definition.read_only && sys::open_in_root(root, &bind.target, libc::O_PATH).is_err()
+        {
+            // Like systemd-nspawn on a read-only root: no mount point is
+            // made up; the tree must have it.
+            return Err(RuntimeError::Child(format!(
+                "bind target {} does not exist in the read-only root {}: create it in the tree (as a {}) or set read_only = false",
+                bind.target.display(),
+                plan.definition.root.display(),
+                if source_is_dir { "directory" } else { "file" }
+            )));
+        }
         let target = ensure_in_root(root, &bind.target, source_is_dir)?;
         sys::move_mount_to_fd(tree.as_fd(), target.as_fd()).map_err(RuntimeError::io(format!(
             "mounting bind {} on {}",

@@ -147,6 +147,9 @@ pub fn move_mount_to_fd(tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Res
     check(ret).map(|_| ())
 }
 
+/// How often [`open_in_root`] retries an `EAGAIN` from openat2.
+const OPENAT2_RETRIES: u32 = 1000;
+
 /// `openat2(dir, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`: opens
 /// `path` as if `dir` were the root, so a guest's symlinks cannot lead outside.
 pub fn open_in_root(dir: BorrowedFd<'_>, path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
@@ -161,17 +164,27 @@ pub fn open_in_root(dir: BorrowedFd<'_>, path: &Path, flags: libc::c_int) -> io:
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2(2) reads `how` (of the size passed) and the path.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            &mut how as *mut libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
+    // EAGAIN: a mount or rename raced with a `..` in the path; openat2(2)
+    // says to retry. Bounded, so a host under constant churn still ends.
+    let mut attempts = 0;
+    let fd = loop {
+        // SAFETY: openat2(2) reads `how` (of the size passed) and the path.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                &mut how as *mut libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        match check(ret) {
+            Err(err) if err.raw_os_error() == Some(libc::EAGAIN) && attempts < OPENAT2_RETRIES => {
+                attempts += 1;
+            }
+            other => break other?,
+        }
     };
-    let fd = check(ret)?;
     // SAFETY: a new descriptor owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
