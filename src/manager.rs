@@ -930,6 +930,15 @@ impl Manager {
                                 }
                                 (Ok(_), Ok(_)) => {}
                             }
+                        } else {
+                            // A running machine keeps what it was started
+                            // with; its Error shows a file it could not
+                            // start again with, until the file is fixed.
+                            match (&entry.definition, &definition) {
+                                (_, Err(error)) => info.error = error.clone(),
+                                (Err(old), Ok(_)) if *old == info.error => info.error.clear(),
+                                _ => {}
+                            }
                         }
                         if before.state != info.state {
                             events.push(Event::StateChanged {

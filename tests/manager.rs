@@ -228,6 +228,30 @@ async fn reload_adds_and_removes_without_disturbing_running_machines() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn reload_shows_a_broken_file_of_a_running_machine_until_it_is_fixed() {
+    let env = Env::new(&[("fixlater", busybox_toml())]).await;
+    let m = &env.manager;
+    m.start("fixlater").await.unwrap();
+    wait_running(m, "fixlater").await;
+    let leader = m.get("fixlater").unwrap().leader;
+    let file = env.dirs.path().join("etc/fixlater.toml");
+    std::fs::write(&file, format!("{}colour = \"red\"\n", busybox_toml())).unwrap();
+    m.reload().await.unwrap();
+    let info = m.get("fixlater").unwrap();
+    assert_eq!(info.state, MachineState::Running, "still running");
+    assert_eq!(info.leader, leader, "running machine disturbed");
+    assert!(
+        info.error.starts_with(&file.display().to_string()) && info.error.contains("colour"),
+        "the broken file is shown: {:?}",
+        info.error
+    );
+    std::fs::write(&file, busybox_toml()).unwrap();
+    m.reload().await.unwrap();
+    assert_eq!(m.get("fixlater").unwrap().error, "", "fixed file, no error");
+    m.stop("fixlater").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn twenty_machines_start_concurrently() {
     let files: Vec<(String, String)> = (0..20)
         .map(|i| (format!("many-{i:02}"), busybox_toml()))

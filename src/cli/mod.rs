@@ -5,19 +5,31 @@ mod copy;
 mod lifecycle;
 mod logs;
 mod query;
+mod remote;
 mod shell;
 mod table;
 mod terminal;
 
+use std::sync::OnceLock;
+
 use clap::{Parser, Subcommand};
 use zbus::Connection;
+
+pub use remote::Host;
 
 use crate::dbus::proxy::ManagerProxy;
 
 /// Control rmachines machines through rmachined.
 #[derive(Debug, Parser)]
-#[command(name = "rmachinectl", version)]
+#[command(name = "rmachinectl", version, after_long_help = REMOTE_HELP)]
 pub struct Cli {
+    /// Operate on rmachined on a remote host, over ssh (default: $RMACHINES_HOST).
+    ///
+    /// ssh runs systemd-stdio-bridge there; `shell` runs the remote host's
+    /// rmachinectl through ssh. The ssh client is `ssh`, or the program
+    /// RMACHINES_SSH names.
+    #[arg(short = 'H', long = "host", value_name = "[USER@]HOST[:PORT]")]
+    host: Option<Host>,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,10 +58,27 @@ enum Command {
     Reload,
 }
 
+/// The "Remote hosts" part of `--help` and rmachinectl(1).
+const REMOTE_HELP: &str = "\
+Remote hosts (-H):
+  rmachinectl -H web1.example.org list
+  rmachinectl -H ops@web2.example.org:2222 start web
+  RMACHINES_HOST=web3.example.org rmachinectl status web --json
+  rmachinectl -H web1.example.org shell web -- sh -c 'exit 3'
+
+rmachinectl runs `ssh -x -T [-p PORT] [USER@]HOST` and, there, \
+systemd-stdio-bridge to the system bus (DBUS_SYSTEM_BUS_ADDRESS when the \
+remote login sets it), and speaks D-Bus over the pipe: rmachined and polkit \
+see the remote user. `shell` runs the remote rmachinectl through ssh (ssh -tt \
+for a terminal, ssh -T for pipes) and exits with the command's status. \
+Errors name the host. RMACHINES_SSH names another ssh program or wrapper.";
+
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("cannot connect to the system bus: {0}")]
     Connect(#[source] zbus::Error),
+    #[error("cannot reach rmachined over ssh (ssh said why above, if it did): {0}")]
+    Remote(#[source] zbus::Error),
     #[error("{}", bus_message(.0))]
     Bus(#[from] zbus::Error),
     #[error("{0}")]
@@ -81,7 +110,22 @@ fn bus_message(error: &zbus::Error) -> String {
 /// Runs the command; returns the process exit status. Errors of commands
 /// that act on several machines are printed as they happen and count as 1.
 pub async fn run(cli: Cli) -> Result<i32, CliError> {
-    let connection = Connection::system().await.map_err(CliError::Connect)?;
+    let host = match cli.host.clone() {
+        Some(host) => Some(host),
+        None => remote::host_from_environment().map_err(CliError::Failed)?,
+    };
+    let connection = match &host {
+        None => Connection::system().await.map_err(CliError::Connect)?,
+        Some(host) => {
+            let _ = REMOTE_HOST.set(host.to_string());
+            if cli.command.passes_descriptors() {
+                let verb_args = remote::verb_args(std::env::args_os());
+                let terminal = remote::terminal_for(&verb_args);
+                return remote::run_remote_cli(host, &verb_args, terminal).await;
+            }
+            remote::connect(host).await?
+        }
+    };
     // No property cache: it would cost two more round trips (AddMatch,
     // GetAll) before the first call, and the CLI reads properties rarely.
     let manager = ManagerProxy::builder(&connection)
@@ -104,7 +148,22 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     }
 }
 
+impl Command {
+    /// Verbs that hand rmachined a descriptor (a pty, the caller's stdio):
+    /// descriptors cannot cross ssh, so with `-H` the remote rmachinectl
+    /// runs them.
+    fn passes_descriptors(&self) -> bool {
+        matches!(self, Command::Shell(_))
+    }
+}
+
+/// The `-H` host, once known: every error line names it.
+static REMOTE_HOST: OnceLock<String> = OnceLock::new();
+
 /// Prints one error line the way every rmachinectl error looks.
 pub fn report(error: &dyn std::fmt::Display) {
-    eprintln!("rmachinectl: {error}");
+    match REMOTE_HOST.get() {
+        Some(host) => eprintln!("rmachinectl: {host}: {error}"),
+        None => eprintln!("rmachinectl: {error}"),
+    }
 }

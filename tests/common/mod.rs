@@ -72,6 +72,7 @@ pub struct Harness {
     network_args: Vec<String>,
     shared_root: bool,
     stop_machines_on_exit: bool,
+    wrapper: Vec<String>,
 }
 
 impl Harness {
@@ -101,11 +102,18 @@ impl Harness {
     /// `--stop-machines-on-exit`, so its machines outlive SIGTERM and a new
     /// daemon (`spawn_daemon`) re-adopts them. Drop stops what is left.
     pub fn start_keeping_machines(setup: impl FnOnce(&Path)) -> Self {
-        Self::start_configured(Install::built(), setup, false, false)
+        Self::start_configured(Install::built(), setup, false, false, Vec::new())
+    }
+
+    /// A bus and a daemon started through `wrapper` (a command that execs
+    /// its arguments in place, e.g. `nsenter --net=...`): a test host of
+    /// its own (tests/fleet.rs).
+    pub fn start_wrapped(wrapper: Vec<String>, setup: impl FnOnce(&Path)) -> Self {
+        Self::start_configured(Install::built(), setup, false, true, wrapper)
     }
 
     fn start_inner(install: Install, setup: impl FnOnce(&Path), shared_root: bool) -> Self {
-        Self::start_configured(install, setup, shared_root, true)
+        Self::start_configured(install, setup, shared_root, true, Vec::new())
     }
 
     fn start_configured(
@@ -113,6 +121,7 @@ impl Harness {
         setup: impl FnOnce(&Path),
         shared_root: bool,
         stop_machines_on_exit: bool,
+        wrapper: Vec<String>,
     ) -> Self {
         require_root();
         let dir = tempfile::Builder::new()
@@ -168,6 +177,7 @@ impl Harness {
             network_args: test_network_args(),
             shared_root,
             stop_machines_on_exit,
+            wrapper,
         };
         harness.spawn_daemon();
         harness
@@ -190,6 +200,11 @@ impl Harness {
                 .args(["--mount", "--propagation", "shared", "--"])
                 .arg(&self.install.rmachined);
             unshare
+        } else if let Some((program, args)) = self.wrapper.split_first() {
+            // The wrapper execs rmachined in place: the pid stays the daemon's.
+            let mut wrapped = Command::new(program);
+            wrapped.args(args).arg(&self.install.rmachined);
+            wrapped
         } else {
             Command::new(&self.install.rmachined)
         };
