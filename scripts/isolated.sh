@@ -28,6 +28,13 @@ trap cleanup EXIT
 echo $$ >"$own/cgroup.procs"
 unshare -n -m -C --propagation "$propagation" -- bash -c '
 	set -e
+	# A sysfs of the new network namespace (/sys/class/net), keeping the
+	# cgroup mounts below it.
+	keep=$(mktemp -d)
+	mount --rbind /sys/fs/cgroup "$keep"
+	mount -t sysfs sysfs /sys
+	mount --move "$keep" /sys/fs/cgroup
+	rmdir "$keep"
 	umount -l "$1"
 	mount -t cgroup2 cgroup2 "$1"
 	ip link set lo up

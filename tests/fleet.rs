@@ -892,8 +892,6 @@ fn docs_playbook_puts_web_on_three_hosts_with_a_published_port() {
 /// Every byte value, and end of file, through `shell -T` over ssh; the
 /// exit status comes back too.
 #[test]
-#[ignore = "needs `rmachinectl shell -T` (Execute, issue 13, the exec branch): \
-            un-ignore when it is merged"]
 fn shell_dash_t_over_ssh_relays_binary_stdin_exactly() {
     let root = support::fixture("busybox");
     let fleet = Fleet::start(1, |_, config| {

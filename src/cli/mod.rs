@@ -118,6 +118,14 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         None => Connection::system().await.map_err(CliError::Connect)?,
         Some(host) => {
             let _ = REMOTE_HOST.set(host.to_string());
+            if matches!(cli.command, Command::Cp(_)) {
+                return Err(CliError::Failed(
+                    "cp copies between this host's files and a machine, so it does not take -H; \
+                     over ssh, pipe a tar stream instead: \
+                     `tar c DIR | rmachinectl -H HOST shell -T NAME -- tar x -C /dest`"
+                        .into(),
+                ));
+            }
             if cli.command.passes_descriptors() {
                 let verb_args = remote::verb_args(std::env::args_os());
                 let terminal = remote::terminal_for(&verb_args);
@@ -153,7 +161,7 @@ impl Command {
     /// descriptors cannot cross ssh, so with `-H` the remote rmachinectl
     /// runs them.
     fn passes_descriptors(&self) -> bool {
-        matches!(self, Command::Shell(_))
+        matches!(self, Command::Shell(_) | Command::Logs(_))
     }
 }
 
