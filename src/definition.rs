@@ -18,7 +18,12 @@ pub struct Definition {
     pub name: String,
     /// The file this definition was read from.
     pub file: PathBuf,
+    /// The OS tree; for `image = "NAME"`, the image's tree in the store
+    /// (filled in by [`load_definition`]), the lower layer of an overlay.
     pub root: PathBuf,
+    /// `image = "NAME"`: the machine's root is an overlay on this image.
+    #[serde(default)]
+    pub image: Option<String>,
     pub boot: bool,
     pub command: Vec<String>,
     pub hostname: String,
@@ -416,6 +421,11 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Checks an image name: the same rule as a machine name.
+pub fn validate_image_name(name: &str) -> Result<(), String> {
+    validate_name(name).map_err(|e| e.to_string().replace("machine name", "image name"))
+}
+
 /// Why a definition file could not be used. The Display is one sentence that
 /// names the file and, where there is one, the line and the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -486,6 +496,7 @@ impl DefinitionError {
 #[serde(deny_unknown_fields)]
 struct RawDefinition {
     root: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
     boot: Option<Spanned<bool>>,
     command: Option<Spanned<Vec<String>>>,
     hostname: Option<Spanned<String>>,
@@ -688,20 +699,37 @@ fn parse_with_spans(
     let src = Source { file, text };
     let raw: RawDefinition = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
 
-    let root_raw = raw.root.ok_or_else(|| {
-        src.missing(
-            "root",
-            "is required: the directory holding the machine's OS tree",
-        )
-    })?;
-    let root = absolute_path(&src, &root_raw, "root")?;
-    if has_dotdot(&root) {
-        return Err(src.spanned(
-            &root_raw,
-            "root",
-            format!("{:?} must not contain \"..\"", root_raw.get_ref()),
-        ));
-    }
+    let (root, image, root_span) = match (&raw.root, &raw.image) {
+        (Some(_), Some(image)) => {
+            return Err(src.spanned(
+                image,
+                "image",
+                "a definition names either root or image, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(src.missing(
+                "root",
+                "is required: the directory holding the machine's OS tree \
+                 (or set `image` to an imported image)",
+            ))
+        }
+        (Some(root_raw), None) => {
+            let root = absolute_path(&src, root_raw, "root")?;
+            if has_dotdot(&root) {
+                return Err(src.spanned(
+                    root_raw,
+                    "root",
+                    format!("{:?} must not contain \"..\"", root_raw.get_ref()),
+                ));
+            }
+            (root, None, root_raw.span())
+        }
+        (None, Some(image)) => {
+            validate_image_name(image.get_ref()).map_err(|m| src.spanned(image, "image", m))?;
+            (PathBuf::new(), Some(image.get_ref().clone()), image.span())
+        }
+    };
 
     let boot = raw.boot.as_ref().is_none_or(|b| *b.get_ref());
     let command = match (&raw.command, boot) {
@@ -826,6 +854,7 @@ fn parse_with_spans(
         name: name.to_string(),
         file: file.to_path_buf(),
         root,
+        image,
         boot,
         command,
         hostname,
@@ -842,7 +871,7 @@ fn parse_with_spans(
         resources,
         binds,
     };
-    Ok((definition, root_raw.span()))
+    Ok((definition, root_span))
 }
 
 fn parse_word<T: FromStr<Err = String>>(
@@ -1265,9 +1294,10 @@ fn parse_bind(src: &Source<'_>, raw: &RawBind) -> Result<Bind, DefinitionError> 
 // ---------------------------------------------------------------------------
 
 /// Reads, parses and validates `file`; the machine's name is the file stem.
-/// Also checks that `root` is a directory. Whether it holds an init is left
-/// to start time.
-pub fn load_definition(file: &Path) -> Result<Definition, DefinitionError> {
+/// Also checks that `root` is a directory, or for `image = "NAME"` that
+/// `<images>/NAME` is one (and makes it the root). Whether it holds an init
+/// is left to start time.
+pub fn load_definition(file: &Path, images: &Path) -> Result<Definition, DefinitionError> {
     let name = name_of(file);
     validate_name(&name).map_err(|reason| DefinitionError::Name {
         file: file.to_path_buf(),
@@ -1277,8 +1307,24 @@ pub fn load_definition(file: &Path) -> Result<Definition, DefinitionError> {
         file: file.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let (definition, root_span) = parse_with_spans(&name, file, &text)?;
+    let (mut definition, root_span) = parse_with_spans(&name, file, &text)?;
     let src = Source { file, text: &text };
+    if let Some(image) = &definition.image {
+        let tree = images.join(image);
+        if !tree.is_dir() {
+            return Err(src.invalid(
+                root_span,
+                "image",
+                format!(
+                    "no image {image:?} is imported ({} is missing); import it with \
+                     `rmachinectl image import {image} FILE`",
+                    tree.display()
+                ),
+            ));
+        }
+        definition.root = tree;
+        return Ok(definition);
+    }
     match std::fs::metadata(&definition.root) {
         Ok(meta) if meta.is_dir() => Ok(definition),
         Ok(_) => Err(src.invalid(
@@ -1310,8 +1356,9 @@ pub struct LoadedDefinition {
 
 /// Loads every `*.toml` in `dir` (not recursively), sorted by file name. A
 /// bad file is returned with its error; it never stops the others. Fails only
-/// when the directory itself cannot be read.
-pub fn load_dir(dir: &Path) -> std::io::Result<Vec<LoadedDefinition>> {
+/// when the directory itself cannot be read. `images` is where `image = ...`
+/// names are looked up.
+pub fn load_dir(dir: &Path, images: &Path) -> std::io::Result<Vec<LoadedDefinition>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -1324,7 +1371,7 @@ pub fn load_dir(dir: &Path) -> std::io::Result<Vec<LoadedDefinition>> {
         .into_iter()
         .map(|file| LoadedDefinition {
             name: name_of(&file),
-            result: load_definition(&file),
+            result: load_definition(&file, images),
             file,
         })
         .collect())
@@ -1883,7 +1930,7 @@ cpus = 2
         let root = dir.path().join("rootfs");
         std::fs::create_dir(&root).unwrap();
         let good = write(dir.path(), "good.toml", &format!("root = {:?}\n", root));
-        let def = load_definition(&good).unwrap();
+        let def = load_definition(&good, dir.path()).unwrap();
         assert_eq!(def.name, "good");
         assert_eq!(def.root, root);
 
@@ -1892,22 +1939,22 @@ cpus = 2
             "missing.toml",
             &format!("\nroot = {:?}\n", dir.path().join("nope")),
         );
-        let err = load_definition(&missing).unwrap_err();
+        let err = load_definition(&missing, dir.path()).unwrap_err();
         assert_eq!((err.line(), err.key()), (Some(2), Some("root")), "{err}");
         assert!(err
             .to_string()
             .starts_with(&format!("{}:2: key \"root\"", missing.display())));
 
         let file_root = write(dir.path(), "file.toml", &format!("root = {:?}\n", good));
-        let err = load_definition(&file_root).unwrap_err();
+        let err = load_definition(&file_root, dir.path()).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
 
         let bad_name = write(dir.path(), "Bad_Name.toml", &format!("root = {:?}\n", root));
-        let err = load_definition(&bad_name).unwrap_err();
+        let err = load_definition(&bad_name, dir.path()).unwrap_err();
         assert!(matches!(err, DefinitionError::Name { .. }));
         assert!(err.to_string().contains("Bad_Name.toml"), "{err}");
 
-        let err = load_definition(&dir.path().join("absent.toml")).unwrap_err();
+        let err = load_definition(&dir.path().join("absent.toml"), dir.path()).unwrap_err();
         assert!(matches!(err, DefinitionError::Read { .. }), "{err}");
     }
 
@@ -1927,7 +1974,7 @@ cpus = 2
             &format!("root = {:?}\n", root),
         );
 
-        let loaded = load_dir(dir.path()).unwrap();
+        let loaded = load_dir(dir.path(), dir.path()).unwrap();
         let names: Vec<&str> = loaded.iter().map(|l| l.name.as_str()).collect();
         assert_eq!(names, ["Bad", "broken", "web"]);
         assert!(matches!(

@@ -14,12 +14,16 @@ use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::definition::{load_dir, validate_name, Definition};
+use crate::image::{self, ImageError};
 use crate::network::{self, NetworkConfig};
 use crate::runtime::idrange::{self, HostIdFiles};
 use crate::runtime::protocol::{now_usec, Command, Status};
 use crate::runtime::{self, cgroup, enter, paths, supervisor, MachinePlan};
 
 pub use crate::runtime::protocol::MachineState;
+
+mod images;
+pub use images::ImageUse;
 
 /// A snapshot of one machine, everything the Machine object exposes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +56,8 @@ pub enum Event {
     MachineAdded { name: String },
     /// `Reload` found a definition gone (and the machine not running).
     MachineRemoved { name: String },
+    /// An image import read `done` of `total` bytes (0: unknown).
+    ImportProgress { name: String, done: u64, total: u64 },
 }
 
 /// Where the daemon keeps things.
@@ -97,6 +103,10 @@ pub enum ManagerError {
     InvalidArgument(String),
     #[error("{0}")]
     Io(String),
+    #[error("a machine named {0:?} is already defined; pick another name or `rmachinectl remove {0}` first")]
+    MachineExists(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
 }
 
 /// The manager handle; cheap to clone, shared by every D-Bus object.
@@ -112,6 +122,8 @@ struct Inner {
     machines: Mutex<BTreeMap<String, Entry>>,
     events: broadcast::Sender<Event>,
     next_session: AtomicU32,
+    /// Names of the images being imported.
+    imports: Mutex<std::collections::BTreeSet<String>>,
 }
 
 struct Entry {
@@ -176,8 +188,10 @@ impl Manager {
                 machines: Mutex::new(BTreeMap::new()),
                 events,
                 next_session: AtomicU32::new(1),
+                imports: Mutex::new(Default::default()),
             }),
         };
+        image::remove_leftovers(&image::images_dir(&manager.inner.config.storage_dir));
         manager.reload().await?;
         let names: Vec<String> = manager.lock().keys().cloned().collect();
         for name in names {
@@ -450,6 +464,13 @@ impl Manager {
         };
         let plan = tokio::task::spawn_blocking(
             move || -> Result<(MachinePlan, std::os::unix::net::UnixStream), String> {
+                let layer = match &definition.image {
+                    Some(_) if !definition.ephemeral && !definition.read_only => Some(
+                        image::prepare_layer(&config.storage_dir, &owned_name, &definition.root)
+                            .map_err(|e| e.to_string())?,
+                    ),
+                    _ => None,
+                };
                 let ids = idrange::assign_range(
                     &config.storage_dir,
                     &owned_name,
@@ -464,6 +485,7 @@ impl Manager {
                     ids,
                     machine_dir: runtime::machine_dir(&config.state_dir, &owned_name),
                     cgroup: cgroup::machine_cgroup_path(&owned_name).map_err(|e| e.to_string())?,
+                    layer,
                     definition,
                     network,
                 };
@@ -623,7 +645,8 @@ impl Manager {
     /// Re-reads the definitions; running machines are not disturbed.
     pub async fn reload(&self) -> Result<ReloadSummary, ManagerError> {
         let dir = self.inner.config.config_dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_dir(&dir))
+        let images = crate::image::images_dir(&self.inner.config.storage_dir);
+        let loaded = tokio::task::spawn_blocking(move || load_dir(&dir, &images))
             .await
             .map_err(|e| ManagerError::Io(e.to_string()))?;
         let loaded = match loaded {
