@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages rmachines' build and tests need (Debian 12).
 set -euo pipefail
-packages=(busybox-static mmdebstrap dbus iproute2 nftables systemd-container uidmap util-linux procps rpm)
+packages=(busybox-static mmdebstrap dbus iproute2 nftables systemd-container uidmap util-linux procps rpm umoci skopeo xz-utils zstd libzstd-dev liblzma-dev pkg-config)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

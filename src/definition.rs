@@ -35,6 +35,13 @@ pub struct Definition {
     pub notify_ready: NotifyReady,
     pub read_only: bool,
     pub ephemeral: bool,
+    /// `user = "UID:GID"`: the command runs as this user of the machine
+    /// (the default of an OCI image's `User`); None: root.
+    #[serde(default)]
+    pub user: Option<(u32, u32)>,
+    /// `working_directory = "/path"`: the command starts there.
+    #[serde(default)]
+    pub working_directory: Option<PathBuf>,
     pub users: Users,
     pub network: Network,
     pub resources: Resources,
@@ -508,6 +515,8 @@ struct RawDefinition {
     notify_ready: Option<Spanned<String>>,
     read_only: Option<bool>,
     ephemeral: Option<bool>,
+    user: Option<Spanned<String>>,
+    working_directory: Option<Spanned<String>>,
     users: Option<RawUsers>,
     network: Option<RawNetwork>,
     resources: Option<RawResources>,
@@ -840,6 +849,16 @@ fn parse_with_spans(
         None => StopSignal::Auto,
     };
 
+    let user = match &raw.user {
+        Some(user) => Some(
+            parse_user(user.get_ref()).map_err(|m| src.spanned(user, "user", m))?,
+        ),
+        None => None,
+    };
+    let working_directory = match &raw.working_directory {
+        Some(dir) => Some(absolute_path(&src, dir, "working_directory")?),
+        None => None,
+    };
     let users = parse_users(&src, raw.users.as_ref())?;
     let network = parse_network(&src, raw.network.as_ref())?;
     let resources = parse_resources(&src, raw.resources.as_ref())?;
@@ -866,12 +885,21 @@ fn parse_with_spans(
         notify_ready,
         read_only: raw.read_only.unwrap_or(false),
         ephemeral: raw.ephemeral.unwrap_or(false),
+        user,
+        working_directory,
         users,
         network,
         resources,
         binds,
     };
     Ok((definition, root_span))
+}
+
+/// `UID:GID` (numbers; a name would need the guest's files at parse time).
+fn parse_user(text: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{text:?} is not a user; expected \"UID:GID\" in numbers, e.g. \"1000:1000\"");
+    let (uid, gid) = text.split_once(':').ok_or_else(bad)?;
+    Ok((uid.parse().map_err(|_| bad())?, gid.parse().map_err(|_| bad())?))
 }
 
 fn parse_word<T: FromStr<Err = String>>(
@@ -1486,6 +1514,7 @@ read_only = false
             name: "web".into(),
             file: PathBuf::from(FILE),
             root: PathBuf::from("/var/lib/machines/web"),
+            image: None,
             boot: true,
             command: vec!["/sbin/init".into()],
             hostname: "web".into(),
@@ -1497,6 +1526,8 @@ read_only = false
             notify_ready: NotifyReady::Auto,
             read_only: false,
             ephemeral: false,
+            user: None,
+            working_directory: None,
             users: Users {
                 base: UidBase::Pick,
                 size: 65536,
@@ -1922,6 +1953,41 @@ cpus = 2
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    #[test]
+    fn root_or_image_exactly_one() {
+        let def = parse("image = \"debian\"\n").unwrap();
+        assert_eq!(def.image.as_deref(), Some("debian"));
+        let err = expect_error("root = \"/srv\"\nimage = \"debian\"\n", 2, "image");
+        assert!(err.contains("either root or image"), "{err}");
+        let err = expect_error("image = \"Deb/ian\"\n", 1, "image");
+        assert!(err.contains("image name"), "{err}");
+        let err = parse("boot = true\n").unwrap_err().to_string();
+        assert!(err.contains("key \"root\"") && err.contains("image"), "{err}");
+    }
+
+    #[test]
+    fn user_and_working_directory() {
+        let def = parse(&with_root("user = \"1000:100\"\nworking_directory = \"/app\"\n")).unwrap();
+        assert_eq!(def.user, Some((1000, 100)));
+        assert_eq!(def.working_directory, Some(PathBuf::from("/app")));
+        expect_error(&with_root("user = \"www-data\"\n"), 2, "user");
+        expect_error(&with_root("working_directory = \"app\"\n"), 2, "working_directory");
+    }
+
+    #[test]
+    fn load_definition_resolves_images_in_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(images.join("debian")).unwrap();
+        let file = write(dir.path(), "web.toml", "\nimage = \"debian\"\n");
+        let def = load_definition(&file, &images).unwrap();
+        assert_eq!(def.root, images.join("debian"));
+        let file = write(dir.path(), "db.toml", "\nimage = \"alpine\"\n");
+        let err = load_definition(&file, &images).unwrap_err();
+        assert_eq!((err.line(), err.key()), (Some(2), Some("image")), "{err}");
+        assert!(err.to_string().contains("rmachinectl image import alpine"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `rmachinectl`: the command-line client. It talks to rmachined only over
 //! D-Bus, through the proxies in [`crate::dbus::proxy`].
 
+mod create;
+mod image;
 mod lifecycle;
 mod query;
 mod shell;
@@ -36,6 +38,13 @@ enum Command {
     Shell(shell::ShellOptions),
     /// Make rmachined re-read the machine definitions.
     Reload,
+    /// Manage images: import, list, remove.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Define a machine made from an image (copies nothing).
+    Create(create::CreateOptions),
+    /// Delete stopped machines' definitions and writable layers.
+    Remove(create::RemoveOptions),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +96,9 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Stop(options) => options.run(&manager).await,
         Command::Restart(options) => options.run(&manager).await,
         Command::Shell(options) => options.run(&manager).await,
+        Command::Image(command) => command.run(&manager).await,
+        Command::Create(options) => options.run(&manager).await,
+        Command::Remove(options) => options.run(&manager).await,
         Command::Reload => {
             manager.reload().await?;
             Ok(0)

@@ -394,6 +394,7 @@ fn fill(partial: &Path, request: ImportRequest, progress: &Progress) -> Result<F
         let n = read_head(&mut file, &mut head)?;
         let compressed = !matches!(sniff(&head[..n])?, Compression::None);
         if !compressed && request.format != Format::Tar {
+            file.seek(SeekFrom::Start(0)).map_err(io_err("reading the source"))?;
             let layout = oci::Layout::tar(file.try_clone().map_err(io_err("reading the source"))?)?;
             if layout.is_layout() {
                 let (config, tag) = oci::import_layout(&layout, reference, &mut extractor, progress)?;

@@ -412,14 +412,33 @@ fn child_main(
         .collect::<Result<_, _>>()
         .map_err(|_| RuntimeError::Child("command contains a NUL byte".into()))?;
     let env = guest_environment(plan)?;
+    if let Some(dir) = &plan.definition.working_directory {
+        nix::unistd::chdir(dir).map_err(mount_err(format!(
+            "changing to the working directory {}",
+            dir.display()
+        )))?;
+    }
     wait_for_run(sock)?;
     sys::close_fds_from(3, &[sock.as_raw_fd()]);
     security::confine(&program)?;
+    become_user(plan.definition.user)?;
     let err = nix::unistd::execve(&argv[0], &argv, &env).unwrap_err();
     Err(RuntimeError::io(format!(
         "executing {}",
         plan.definition.command[0]
     ))(err.into()))
+}
+
+/// Drops from the machine's root to `user = "UID:GID"` (an OCI image's
+/// `User`), with no supplementary groups.
+fn become_user(user: Option<(u32, u32)>) -> Result<(), RuntimeError> {
+    let Some((uid, gid)) = user else {
+        return Ok(());
+    };
+    nix::unistd::setresgid(gid.into(), gid.into(), gid.into())
+        .map_err(mount_err(format!("setresgid({gid})")))?;
+    nix::unistd::setresuid(uid.into(), uid.into(), uid.into())
+        .map_err(mount_err(format!("setresuid({uid})")))
 }
 
 /// The supervisor wires the network while the child mounts; init runs
