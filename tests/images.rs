@@ -200,10 +200,10 @@ fn file_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode
     builder.append_data(&mut header, path, data).unwrap();
 }
 
-fn dir_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str) {
+fn dir_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) {
     let mut header = tar::Header::new_gnu();
     header.set_size(0);
-    header.set_mode(0o755);
+    header.set_mode(mode);
     header.set_entry_type(tar::EntryType::Directory);
     builder.append_data(&mut header, path, &[][..]).unwrap();
 }
@@ -215,10 +215,10 @@ fn build_layout(layout: &Path, busybox: &Path) {
     let mut base = tar::Builder::new(Vec::new());
     base.follow_symlinks(false);
     base.append_dir_all(".", busybox).unwrap();
-    dir_entry(&mut base, "data");
+    dir_entry(&mut base, "data", 0o755);
     file_entry(&mut base, "data/keep", b"kept\n", 0o644);
     file_entry(&mut base, "data/gone", b"gone\n", 0o644);
-    dir_entry(&mut base, "opq");
+    dir_entry(&mut base, "opq", 0o755);
     file_entry(&mut base, "opq/old", b"old\n", 0o644);
     let base = base.into_inner().unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -231,7 +231,9 @@ fn build_layout(layout: &Path, busybox: &Path) {
     file_entry(&mut top, "opq/.wh..wh..opq", b"", 0o644);
     file_entry(&mut top, "data/.wh.gone", b"", 0o644);
     file_entry(&mut top, "sbin/.wh.init", b"", 0o644);
-    dir_entry(&mut top, "app");
+    dir_entry(&mut top, "app", 0o755);
+    // A directory over a directory: merged, with the new mode.
+    dir_entry(&mut top, "tmp", 0o1777);
     let top = top.into_inner().unwrap();
 
     std::fs::create_dir_all(layout).unwrap();
@@ -316,6 +318,7 @@ fn oci_layouts_import_with_whiteouts_and_run_their_config() {
     assert!(!tree.join("sbin/init").exists(), "whiteout not applied");
     assert!(!tree.join("opq/old").exists(), "opaque directory kept old files");
     assert!(tree.join("opq/new").is_file(), "opaque mark removed its own layer's file");
+    assert_eq!(mode_of(&tree.join("tmp")), 0o1777);
     assert!(!tree.join("opq/.wh..wh..opq").exists() && !tree.join("data/.wh.gone").exists());
     let bad_ref = ctl(&h, &["image", "import", "x", layout.to_str().unwrap(), "--ref", "nope"]);
     assert!(text(&bad_ref).contains("no manifest tagged \"nope\""), "{}", text(&bad_ref));
