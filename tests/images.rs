@@ -394,9 +394,15 @@ fn hostile_archives_never_write_outside_and_devices_are_dropped() {
     assert!(!images.join("dotdot").exists() && !images.join(".partial-dotdot").exists());
 
     // A symlink to an absolute host path, then a file "through" it: it
-    // lands inside the image, at that path.
+    // lands inside the image, at that path of the image.
     let target = outside.display().to_string();
     let through = tar_file(work.path(), "symlink.tar", |b| {
+        let mut so_far = String::new();
+        for part in target.trim_start_matches('/').split('/') {
+            so_far.push_str(part);
+            so_far.push('/');
+            raw_entry(b, tar::EntryType::Directory, &so_far, None, b"");
+        }
         raw_entry(b, tar::EntryType::Symlink, "evil", Some(&target), b"");
         raw_entry(b, tar::EntryType::Regular, "evil/pwned", None, b"pwned");
         raw_entry(b, tar::EntryType::Symlink, "up", Some("../../../.."), b"");
@@ -408,6 +414,15 @@ fn hostile_archives_never_write_outside_and_devices_are_dropped() {
     assert_eq!(std::fs::read_to_string(tree.join(format!(".{target}/pwned"))).unwrap(), "pwned");
     assert_eq!(std::fs::read_to_string(tree.join("pwned2")).unwrap(), "pwned");
     assert!(!Path::new("/pwned2").exists());
+    // Through a symlink to a host directory the image does not have: refused.
+    let dangling = tar_file(work.path(), "dangling.tar", |b| {
+        raw_entry(b, tar::EntryType::Symlink, "evil", Some(&target), b"");
+        raw_entry(b, tar::EntryType::Regular, "evil/pwned", None, b"pwned");
+    });
+    let out = ctl(&h, &["image", "import", "dangling", dangling.to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out).contains("evil"), "{}", text(&out));
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "wrote outside the image");
+    assert!(!images.join("dangling").exists());
 
     let hardlink = tar_file(work.path(), "hardlink.tar", |b| {
         raw_entry(b, tar::EntryType::Link, "passwd", Some("../../../../etc/passwd"), b"");
@@ -442,18 +457,25 @@ fn hostile_archives_never_write_outside_and_devices_are_dropped() {
     }
     assert_eq!(mode_of(&images), 0o700);
 
-    // Nobody may import through the bus either (no polkit here).
-    let out = h.busctl_call_as_nobody(&[
-        "/org/rmachines1",
-        "org.rmachines1.Manager",
-        "ImportImage",
-        "shss",
-        "x",
-        "0",
-        "",
-        "",
-    ]);
-    assert!(text(&out).contains("AccessDenied") || text(&out).contains("not allowed"), "{}", text(&out));
+    // Nobody may import, create or remove through the bus (no polkit here).
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_rmachinectl"))
+        .args(["image", "import", "sneaky", "-"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", h.address())
+        .stdin(std::fs::File::open(&devices).unwrap())
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && text(&out).contains("only allowed to root"), "{}", text(&out));
+    assert!(!images.join("sneaky").exists());
+    for call in [
+        &["/org/rmachines1", "org.rmachines1.Manager", "RemoveImage", "s", "devices"][..],
+        &["/org/rmachines1", "org.rmachines1.Manager", "CreateMachine", "ssbb", "m", "devices", "false", "false"][..],
+    ] {
+        let out = h.busctl_call_as_nobody(call);
+        assert!(text(&out).contains("AccessDenied"), "{}", text(&out));
+    }
+    assert!(images.join("devices").is_dir());
 }
 
 // ---------------------------------------------------------------------------

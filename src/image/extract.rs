@@ -379,8 +379,15 @@ impl Extractor {
                         Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
                         Err(e) => return Err(errno_at("creating directory", &so_far)(e)),
                     }
-                    current = sys::open_in_root(self.root.as_fd(), &so_far, flags)
-                        .map_err(io_at("opening directory", &so_far))?;
+                    current =
+                        sys::open_in_root(self.root.as_fd(), &so_far, flags).map_err(|e| {
+                            ImageError::Archive(format!(
+                                "{}: {} is not a directory of the image (a symlink to a path \
+                                 the image does not have?): {e}",
+                                path.display(),
+                                so_far.display()
+                            ))
+                        })?;
                 }
             }
         }
