@@ -30,6 +30,16 @@ enum FormatArg {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  mmdebstrap --include=systemd-sysv,dbus bookworm - | rmachinectl image import debian -
+  docker export CONTAINER | rmachinectl image import app -
+  skopeo copy docker://docker.io/library/alpine:latest oci:/tmp/alpine:latest
+  rmachinectl image import alpine /tmp/alpine --ref latest
+
+The import runs in rmachined: the file is handed over on the bus, streamed
+(no temporary copy) into <storage-dir>/images/NAME, and checked (sha256 of
+every OCI blob). Device nodes are not kept; owners, modes, xattrs and file
+capabilities are.")]
 pub(crate) struct ImportOptions {
     /// The image's name.
     name: String,
