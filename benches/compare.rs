@@ -250,20 +250,29 @@ fn boot_and_stop(opts: &Options, rows: &mut Vec<Row>, breakdown: &mut Vec<(Strin
 fn image_machines(opts: &Options, rows: &mut Vec<Row>) {
     let tree = bench_tree("debian");
     let h = Harness::start_with(|c| write_definition(c, "deb-root", &tree, ""));
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .arg("-C")
         .arg(&tree)
         .args(["--numeric-owner", "--xattrs", "-c", "."])
         .stdout(Stdio::piped())
         .spawn()
         .expect("tar");
+    let pipe = tar.stdout.take().expect("tar stdout");
     let out = Command::new(env!("CARGO_BIN_EXE_rmachinectl"))
         .args(["image", "import", "debian", "-"])
         .env("DBUS_SYSTEM_BUS_ADDRESS", h.address())
-        .stdin(Stdio::from(tar.stdout.expect("tar stdout")))
+        .stdin(Stdio::from(pipe))
         .output()
         .expect("rmachinectl image import");
-    assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        tar.wait().is_ok_and(|status| status.success()),
+        "tar failed"
+    );
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let copy = Path::new("/var/tmp/rmachines-bench/debian-copy");
     let (mut create, mut copying, mut boot_image, mut boot_root) = (vec![], vec![], vec![], vec![]);
     for run in 0..opts.runs {

@@ -850,9 +850,7 @@ fn parse_with_spans(
     };
 
     let user = match &raw.user {
-        Some(user) => Some(
-            parse_user(user.get_ref()).map_err(|m| src.spanned(user, "user", m))?,
-        ),
+        Some(user) => Some(parse_user(user.get_ref()).map_err(|m| src.spanned(user, "user", m))?),
         None => None,
     };
     let working_directory = match &raw.working_directory {
@@ -897,9 +895,13 @@ fn parse_with_spans(
 
 /// `UID:GID` (numbers; a name would need the guest's files at parse time).
 fn parse_user(text: &str) -> Result<(u32, u32), String> {
-    let bad = || format!("{text:?} is not a user; expected \"UID:GID\" in numbers, e.g. \"1000:1000\"");
+    let bad =
+        || format!("{text:?} is not a user; expected \"UID:GID\" in numbers, e.g. \"1000:1000\"");
     let (uid, gid) = text.split_once(':').ok_or_else(bad)?;
-    Ok((uid.parse().map_err(|_| bad())?, gid.parse().map_err(|_| bad())?))
+    Ok((
+        uid.parse().map_err(|_| bad())?,
+        gid.parse().map_err(|_| bad())?,
+    ))
 }
 
 fn parse_word<T: FromStr<Err = String>>(
@@ -1964,16 +1966,26 @@ cpus = 2
         let err = expect_error("image = \"Deb/ian\"\n", 1, "image");
         assert!(err.contains("image name"), "{err}");
         let err = parse("boot = true\n").unwrap_err().to_string();
-        assert!(err.contains("key \"root\"") && err.contains("image"), "{err}");
+        assert!(
+            err.contains("key \"root\"") && err.contains("image"),
+            "{err}"
+        );
     }
 
     #[test]
     fn user_and_working_directory() {
-        let def = parse(&with_root("user = \"1000:100\"\nworking_directory = \"/app\"\n")).unwrap();
+        let def = parse(&with_root(
+            "user = \"1000:100\"\nworking_directory = \"/app\"\n",
+        ))
+        .unwrap();
         assert_eq!(def.user, Some((1000, 100)));
         assert_eq!(def.working_directory, Some(PathBuf::from("/app")));
         expect_error(&with_root("user = \"www-data\"\n"), 2, "user");
-        expect_error(&with_root("working_directory = \"app\"\n"), 2, "working_directory");
+        expect_error(
+            &with_root("working_directory = \"app\"\n"),
+            2,
+            "working_directory",
+        );
     }
 
     #[test]
@@ -1987,7 +1999,10 @@ cpus = 2
         let file = write(dir.path(), "db.toml", "\nimage = \"alpine\"\n");
         let err = load_definition(&file, &images).unwrap_err();
         assert_eq!((err.line(), err.key()), (Some(2), Some("image")), "{err}");
-        assert!(err.to_string().contains("rmachinectl image import alpine"), "{err}");
+        assert!(
+            err.to_string().contains("rmachinectl image import alpine"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -24,7 +24,12 @@ fn text(out: &Output) -> String {
 }
 
 fn ok(out: Output, what: &str) -> String {
-    assert!(out.status.success(), "{what} failed ({:?}): {}", out.status, text(&out));
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}): {}",
+        out.status,
+        text(&out)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -50,7 +55,11 @@ fn sh(h: &Harness, machine: &str, script: &str) -> String {
 }
 
 fn shell_sh(script: &str) {
-    let out = Command::new("/bin/sh").arg("-c").arg(script).output().unwrap();
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{script}: {}", text(&out));
 }
 
@@ -113,25 +122,34 @@ fn tars_in_each_compression_import_and_boot_persistent_and_ephemeral() {
             ctl(&h, &["image", "import", name, path.to_str().unwrap()]),
             &format!("importing {file}"),
         );
-        assert!(out.contains(&format!("Imported image {name} (tar)")), "{out}");
+        assert!(
+            out.contains(&format!("Imported image {name} (tar)")),
+            "{out}"
+        );
         assert_eq!(listing(&images.join(name)), listing(&busybox), "{file}");
         assert_eq!(mode_of(&images), 0o700);
     }
     // From a pipe, as `mmdebstrap ... | rmachinectl image import NAME -`.
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .arg("-C")
         .arg(&busybox)
         .args(["--numeric-owner", "-c", "."])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let pipe = tar.stdout.take().unwrap();
     ok(
-        ctl_with_stdin(&h, &["image", "import", "bb-pipe", "-"], tar.stdout.unwrap().into()),
+        ctl_with_stdin(&h, &["image", "import", "bb-pipe", "-"], pipe.into()),
         "importing from a pipe",
     );
+    assert!(tar.wait().unwrap().success());
     assert_eq!(listing(&images.join("bb-pipe")), listing(&busybox));
     let dup = ctl(&h, &["image", "import", "bb", plain.to_str().unwrap()]);
-    assert!(!dup.status.success() && text(&dup).contains("already exists"), "{}", text(&dup));
+    assert!(
+        !dup.status.success() && text(&dup).contains("already exists"),
+        "{}",
+        text(&dup)
+    );
 
     let list = ok(ctl(&h, &["image", "list", "--json"]), "image list");
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
@@ -141,21 +159,52 @@ fn tars_in_each_compression_import_and_boot_persistent_and_ephemeral() {
     // one loses them; the image sees neither.
     let before = listing(&images.join("bb-gz"));
     let started = std::time::Instant::now();
-    ok(ctl(&h, &["create", "keep", "--image", "bb-gz"]), "create keep");
+    ok(
+        ctl(&h, &["create", "keep", "--image", "bb-gz"]),
+        "create keep",
+    );
     let create_time = started.elapsed();
     ok(
-        ctl(&h, &["create", "scratch", "--image", "bb-gz", "--ephemeral", "--start"]),
+        ctl(
+            &h,
+            &[
+                "create",
+                "scratch",
+                "--image",
+                "bb-gz",
+                "--ephemeral",
+                "--start",
+            ],
+        ),
         "create scratch",
     );
     ok(ctl(&h, &["start", "keep"]), "start keep");
     let definition = std::fs::read_to_string(h.config_dir().join("keep.toml")).unwrap();
     assert!(definition.contains("image = \"bb-gz\""), "{definition}");
     for m in ["keep", "scratch"] {
-        sh(&h, m, "echo changed > /etc/hostname-note && rm /bin/ls && mkdir -p /var/new");
+        sh(
+            &h,
+            m,
+            "echo changed > /etc/hostname-note && rm /bin/ls && mkdir -p /var/new",
+        );
     }
     ok(ctl(&h, &["restart", "keep", "scratch"]), "restart");
-    assert_eq!(sh(&h, "keep", "cat /etc/hostname-note; test -e /bin/ls || echo no-ls"), "changed\nno-ls");
-    assert_eq!(sh(&h, "scratch", "cat /etc/hostname-note 2>/dev/null; test -e /bin/ls && echo ls"), "ls");
+    assert_eq!(
+        sh(
+            &h,
+            "keep",
+            "cat /etc/hostname-note; test -e /bin/ls || echo no-ls"
+        ),
+        "changed\nno-ls"
+    );
+    assert_eq!(
+        sh(
+            &h,
+            "scratch",
+            "cat /etc/hostname-note 2>/dev/null; test -e /bin/ls && echo ls"
+        ),
+        "ls"
+    );
     assert_eq!(listing(&images.join("bb-gz")), before, "the image changed");
     let layer = h.storage_dir().join("machines/keep");
     assert!(layer.join("upper/etc/hostname-note").is_file());
@@ -164,7 +213,11 @@ fn tars_in_each_compression_import_and_boot_persistent_and_ephemeral() {
     // Removal: refused while used, the machine only when stopped.
     let refused = ctl(&h, &["image", "remove", "bb-gz"]);
     assert!(!refused.status.success(), "{}", text(&refused));
-    assert!(text(&refused).contains("keep") && text(&refused).contains("scratch"), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("keep") && text(&refused).contains("scratch"),
+        "{}",
+        text(&refused)
+    );
     let running = ctl(&h, &["remove", "keep"]);
     assert!(!running.status.success(), "removed a running machine");
     ok(ctl(&h, &["stop", "keep", "scratch"]), "stop");
@@ -180,7 +233,10 @@ fn tars_in_each_compression_import_and_boot_persistent_and_ephemeral() {
 // ---------------------------------------------------------------------------
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Writes a blob; returns its descriptor fields (digest, size).
@@ -276,7 +332,11 @@ fn build_layout(layout: &Path, busybox: &Path) {
         }]
     });
     std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -288,13 +348,21 @@ fn oci_layouts_import_with_whiteouts_and_run_their_config() {
     // A real OCI tool must accept the layout before we do.
     let image_ref = format!("{}:latest", layout.display());
     ok(
-        Command::new("umoci").args(["stat", "--image", &image_ref]).output().unwrap(),
+        Command::new("umoci")
+            .args(["stat", "--image", &image_ref])
+            .output()
+            .unwrap(),
         "umoci stat",
     );
     let archive = work.path().join("layout.tar");
     ok(
         Command::new("skopeo")
-            .args(["copy", "-q", &format!("oci:{image_ref}"), &format!("oci-archive:{}:latest", archive.display())])
+            .args([
+                "copy",
+                "-q",
+                &format!("oci:{image_ref}"),
+                &format!("oci-archive:{}:latest", archive.display()),
+            ])
             .output()
             .unwrap(),
         "skopeo copy (checks every blob's digest)",
@@ -308,32 +376,86 @@ fn oci_layouts_import_with_whiteouts_and_run_their_config() {
     );
     assert!(out.contains("(oci)"), "{out}");
     ok(
-        ctl(&h, &["image", "import", "app-tar", archive.to_str().unwrap(), "--format", "oci", "--ref", "latest"]),
+        ctl(
+            &h,
+            &[
+                "image",
+                "import",
+                "app-tar",
+                archive.to_str().unwrap(),
+                "--format",
+                "oci",
+                "--ref",
+                "latest",
+            ],
+        ),
         "importing the layout archive",
     );
     let tree = images.join("app");
     assert_eq!(listing(&tree), listing(&images.join("app-tar")));
-    assert_eq!(std::fs::read_to_string(tree.join("data/keep")).unwrap(), "kept\n");
+    assert_eq!(
+        std::fs::read_to_string(tree.join("data/keep")).unwrap(),
+        "kept\n"
+    );
     assert!(!tree.join("data/gone").exists(), "whiteout not applied");
     assert!(!tree.join("sbin/init").exists(), "whiteout not applied");
-    assert!(!tree.join("opq/old").exists(), "opaque directory kept old files");
-    assert!(tree.join("opq/new").is_file(), "opaque mark removed its own layer's file");
+    assert!(
+        !tree.join("opq/old").exists(),
+        "opaque directory kept old files"
+    );
+    assert!(
+        tree.join("opq/new").is_file(),
+        "opaque mark removed its own layer's file"
+    );
     assert_eq!(mode_of(&tree.join("tmp")), 0o1777);
     assert!(!tree.join("opq/.wh..wh..opq").exists() && !tree.join("data/.wh.gone").exists());
-    let bad_ref = ctl(&h, &["image", "import", "x", layout.to_str().unwrap(), "--ref", "nope"]);
-    assert!(text(&bad_ref).contains("no manifest tagged \"nope\""), "{}", text(&bad_ref));
+    let bad_ref = ctl(
+        &h,
+        &[
+            "image",
+            "import",
+            "x",
+            layout.to_str().unwrap(),
+            "--ref",
+            "nope",
+        ],
+    );
+    assert!(
+        text(&bad_ref).contains("no manifest tagged \"nope\""),
+        "{}",
+        text(&bad_ref)
+    );
 
     // No init: the OCI config is the machine's.
-    ok(ctl(&h, &["create", "app1", "--image", "app", "--start"]), "create app1");
+    ok(
+        ctl(&h, &["create", "app1", "--image", "app", "--start"]),
+        "create app1",
+    );
     let definition = std::fs::read_to_string(h.config_dir().join("app1.toml")).unwrap();
-    assert!(definition.contains("boot = false") && definition.contains("\"/bin/sh\""), "{definition}");
+    assert!(
+        definition.contains("boot = false") && definition.contains("\"/bin/sh\""),
+        "{definition}"
+    );
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(
         sh(&h, "app1", "cat /tmp/greeting /tmp/pwd /tmp/uid"),
         "hello-oci\n/app\n1000"
     );
     // The same image boots twice at once.
-    ok(ctl(&h, &["create", "app2", "--image", "app-tar", "--ephemeral", "--start"]), "create app2");
+    ok(
+        ctl(
+            &h,
+            &[
+                "create",
+                "app2",
+                "--image",
+                "app-tar",
+                "--ephemeral",
+                "--start",
+            ],
+        ),
+        "create app2",
+    );
     ok(ctl(&h, &["stop", "app1", "app2"]), "stop");
 
     // A corrupt blob is refused.
@@ -348,7 +470,11 @@ fn oci_layouts_import_with_whiteouts_and_run_their_config() {
     data[10] ^= 1;
     std::fs::write(&config_blob, data).unwrap();
     let corrupt = ctl(&h, &["image", "import", "broken", layout.to_str().unwrap()]);
-    assert!(text(&corrupt).contains("does not match its digest"), "{}", text(&corrupt));
+    assert!(
+        text(&corrupt).contains("does not match its digest"),
+        "{}",
+        text(&corrupt)
+    );
     assert!(!images.join("broken").exists() && !images.join(".partial-broken").exists());
 }
 
@@ -357,7 +483,13 @@ fn oci_layouts_import_with_whiteouts_and_run_their_config() {
 // ---------------------------------------------------------------------------
 
 /// A tar entry with a raw name (the tar crate refuses `..` in set_path).
-fn raw_entry(builder: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &str, link: Option<&str>, data: &[u8]) {
+fn raw_entry(
+    builder: &mut tar::Builder<Vec<u8>>,
+    kind: tar::EntryType,
+    name: &str,
+    link: Option<&str>,
+    data: &[u8],
+) {
     let mut header = tar::Header::new_old();
     header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
     if let Some(link) = link {
@@ -390,7 +522,11 @@ fn hostile_archives_never_write_outside_and_devices_are_dropped() {
         raw_entry(b, tar::EntryType::Regular, "a/../../../escaped", None, b"x");
     });
     let out = ctl(&h, &["image", "import", "dotdot", dotdot.to_str().unwrap()]);
-    assert!(!out.status.success() && text(&out).contains("leads out of the image"), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains("leads out of the image"),
+        "{}",
+        text(&out)
+    );
     assert!(!images.join("dotdot").exists() && !images.join(".partial-dotdot").exists());
 
     // A symlink to an absolute host path, then a file "through" it: it
@@ -408,32 +544,75 @@ fn hostile_archives_never_write_outside_and_devices_are_dropped() {
         raw_entry(b, tar::EntryType::Symlink, "up", Some("../../../.."), b"");
         raw_entry(b, tar::EntryType::Regular, "up/pwned2", None, b"pwned");
     });
-    ok(ctl(&h, &["image", "import", "through", through.to_str().unwrap()]), "symlink tar");
-    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "wrote outside the image");
+    ok(
+        ctl(
+            &h,
+            &["image", "import", "through", through.to_str().unwrap()],
+        ),
+        "symlink tar",
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "wrote outside the image"
+    );
     let tree = images.join("through");
-    assert_eq!(std::fs::read_to_string(tree.join(format!(".{target}/pwned"))).unwrap(), "pwned");
-    assert_eq!(std::fs::read_to_string(tree.join("pwned2")).unwrap(), "pwned");
+    assert_eq!(
+        std::fs::read_to_string(tree.join(format!(".{target}/pwned"))).unwrap(),
+        "pwned"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tree.join("pwned2")).unwrap(),
+        "pwned"
+    );
     assert!(!Path::new("/pwned2").exists());
     // Through a symlink to a host directory the image does not have: refused.
     let dangling = tar_file(work.path(), "dangling.tar", |b| {
         raw_entry(b, tar::EntryType::Symlink, "evil", Some(&target), b"");
         raw_entry(b, tar::EntryType::Regular, "evil/pwned", None, b"pwned");
     });
-    let out = ctl(&h, &["image", "import", "dangling", dangling.to_str().unwrap()]);
-    assert!(!out.status.success() && text(&out).contains("evil"), "{}", text(&out));
-    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "wrote outside the image");
+    let out = ctl(
+        &h,
+        &["image", "import", "dangling", dangling.to_str().unwrap()],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("evil"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "wrote outside the image"
+    );
     assert!(!images.join("dangling").exists());
 
     let hardlink = tar_file(work.path(), "hardlink.tar", |b| {
-        raw_entry(b, tar::EntryType::Link, "passwd", Some("../../../../etc/passwd"), b"");
+        raw_entry(
+            b,
+            tar::EntryType::Link,
+            "passwd",
+            Some("../../../../etc/passwd"),
+            b"",
+        );
     });
-    let out = ctl(&h, &["image", "import", "hardlink", hardlink.to_str().unwrap()]);
+    let out = ctl(
+        &h,
+        &["image", "import", "hardlink", hardlink.to_str().unwrap()],
+    );
     assert!(!out.status.success(), "{}", text(&out));
     let abs_link = tar_file(work.path(), "abslink.tar", |b| {
         raw_entry(b, tar::EntryType::Link, "shadow", Some("/etc/shadow"), b"");
     });
-    let out = ctl(&h, &["image", "import", "abslink", abs_link.to_str().unwrap()]);
-    assert!(!out.status.success() && text(&out).contains("not in the image"), "{}", text(&out));
+    let out = ctl(
+        &h,
+        &["image", "import", "abslink", abs_link.to_str().unwrap()],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("not in the image"),
+        "{}",
+        text(&out)
+    );
 
     let devices = tar_file(work.path(), "devices.tar", |b| {
         raw_entry(b, tar::EntryType::Directory, "dev/", None, b"");
@@ -441,7 +620,13 @@ fn hostile_archives_never_write_outside_and_devices_are_dropped() {
         raw_entry(b, tar::EntryType::Block, "dev/mem", None, b"");
         raw_entry(b, tar::EntryType::Regular, "etc/hostname", None, b"dev\n");
     });
-    let out = ok(ctl(&h, &["image", "import", "devices", devices.to_str().unwrap()]), "devices");
+    let out = ok(
+        ctl(
+            &h,
+            &["image", "import", "devices", devices.to_str().unwrap()],
+        ),
+        "devices",
+    );
     assert!(out.contains("2 device nodes were not kept"), "{out}");
     let tree = images.join("devices");
     assert!(tree.join("dev").is_dir() && std::fs::read_dir(tree.join("dev")).unwrap().count() == 0);
@@ -449,11 +634,22 @@ fn hostile_archives_never_write_outside_and_devices_are_dropped() {
     // Unprivileged host users cannot look into the store.
     for path in [images.clone(), images.join("devices/etc")] {
         let out = Command::new("setpriv")
-            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "ls"])
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "ls",
+            ])
             .arg(&path)
             .output()
             .unwrap();
-        assert!(!out.status.success(), "nobody could list {}", path.display());
+        assert!(
+            !out.status.success(),
+            "nobody could list {}",
+            path.display()
+        );
     }
     assert_eq!(mode_of(&images), 0o700);
 
@@ -466,11 +662,30 @@ fn hostile_archives_never_write_outside_and_devices_are_dropped() {
         .stdin(std::fs::File::open(&devices).unwrap())
         .output()
         .unwrap();
-    assert!(!out.status.success() && text(&out).contains("only allowed to root"), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains("only allowed to root"),
+        "{}",
+        text(&out)
+    );
     assert!(!images.join("sneaky").exists());
     for call in [
-        &["/org/rmachines1", "org.rmachines1.Manager", "RemoveImage", "s", "devices"][..],
-        &["/org/rmachines1", "org.rmachines1.Manager", "CreateMachine", "ssbb", "m", "devices", "false", "false"][..],
+        &[
+            "/org/rmachines1",
+            "org.rmachines1.Manager",
+            "RemoveImage",
+            "s",
+            "devices",
+        ][..],
+        &[
+            "/org/rmachines1",
+            "org.rmachines1.Manager",
+            "CreateMachine",
+            "ssbb",
+            "m",
+            "devices",
+            "false",
+            "false",
+        ][..],
     ] {
         let out = h.busctl_call_as_nobody(call);
         assert!(text(&out).contains("AccessDenied"), "{}", text(&out));
@@ -492,8 +707,16 @@ fn boot_problems(h: &Harness, machine: &str) -> (String, String) {
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    let eio = sh(h, machine, "journalctl -b --no-pager | grep -i 'input/output error' || true");
-    let failed = sh(h, machine, "systemctl list-units --failed --no-legend --plain | cut -d' ' -f1");
+    let eio = sh(
+        h,
+        machine,
+        "journalctl -b --no-pager | grep -i 'input/output error' || true",
+    );
+    let failed = sh(
+        h,
+        machine,
+        "systemctl list-units --failed --no-legend --plain | cut -d' ' -f1",
+    );
     (eio, format!("{state}: {failed}"))
 }
 
@@ -517,21 +740,37 @@ fn debian_image_and_ephemeral_roots_boot_as_cleanly_as_a_plain_root() {
     let plain = plain_debian_copy();
     let h = Harness::start_with(|c| {
         common::write_definition(c, "deb-plain", &plain, NO_NET);
-        common::write_definition(c, "deb-eph-root", &debian, &format!("ephemeral = true\n{NO_NET}"));
+        common::write_definition(
+            c,
+            "deb-eph-root",
+            &debian,
+            &format!("ephemeral = true\n{NO_NET}"),
+        );
     });
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .arg("-C")
         .arg(&debian)
         .args(["--numeric-owner", "--xattrs", "-c", "."])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let pipe = tar.stdout.take().unwrap();
     ok(
-        ctl_with_stdin(&h, &["image", "import", "debian", "-"], tar.stdout.unwrap().into()),
+        ctl_with_stdin(&h, &["image", "import", "debian", "-"], pipe.into()),
         "importing debian",
     );
-    ok(ctl(&h, &["create", "deb-layer", "--image", "debian"]), "create deb-layer");
-    ok(ctl(&h, &["create", "deb-eph", "--image", "debian", "--ephemeral"]), "create deb-eph");
+    assert!(tar.wait().unwrap().success());
+    ok(
+        ctl(&h, &["create", "deb-layer", "--image", "debian"]),
+        "create deb-layer",
+    );
+    ok(
+        ctl(
+            &h,
+            &["create", "deb-eph", "--image", "debian", "--ephemeral"],
+        ),
+        "create deb-eph",
+    );
     for machine in ["deb-layer", "deb-eph"] {
         let def = h.config_dir().join(format!("{machine}.toml"));
         let mut text = std::fs::read_to_string(&def).unwrap();
@@ -540,19 +779,34 @@ fn debian_image_and_ephemeral_roots_boot_as_cleanly_as_a_plain_root() {
     }
     ok(ctl(&h, &["reload"]), "reload");
     let machines = ["deb-plain", "deb-eph-root", "deb-layer", "deb-eph"];
-    ok(ctl(&h, &["start", "deb-plain", "deb-eph-root", "deb-layer", "deb-eph"]), "start");
+    ok(
+        ctl(
+            &h,
+            &["start", "deb-plain", "deb-eph-root", "deb-layer", "deb-eph"],
+        ),
+        "start",
+    );
     let (plain_eio, plain_failed) = boot_problems(&h, "deb-plain");
     assert_eq!(plain_eio, "", "the plain root logged I/O errors");
     for machine in &machines[1..] {
         let (eio, failed) = boot_problems(&h, machine);
         assert_eq!(eio, "", "{machine}: I/O errors in the journal");
-        assert_eq!(failed, plain_failed, "{machine}: failed units differ from the plain root's");
+        assert_eq!(
+            failed, plain_failed,
+            "{machine}: failed units differ from the plain root's"
+        );
     }
     // systemd-tmpfiles' D! /tmp/.X11-unix again, after a restart on the
     // persistent layer (the whiteout is now in the upper layer).
     ok(ctl(&h, &["restart", "deb-layer"]), "restart");
     let (eio, failed) = boot_problems(&h, "deb-layer");
     assert_eq!((eio.as_str(), failed.as_str()), ("", plain_failed.as_str()));
-    ok(ctl(&h, &["stop", "deb-plain", "deb-eph-root", "deb-layer", "deb-eph"]), "stop");
+    ok(
+        ctl(
+            &h,
+            &["stop", "deb-plain", "deb-eph-root", "deb-layer", "deb-eph"],
+        ),
+        "stop",
+    );
     let _ = std::fs::remove_dir_all(&plain);
 }

@@ -6,14 +6,16 @@ use super::{lifecycle, report, CliError};
 use crate::dbus::proxy::ManagerProxy;
 
 #[derive(Debug, Args)]
-#[command(after_help = "Writes <config-dir>/NAME.toml with `image = \"IMAGE\"`; nothing is copied:
+#[command(
+    after_help = "Writes <config-dir>/NAME.toml with `image = \"IMAGE\"`; nothing is copied:
 the machine's root is an overlay of the image and its own writable layer in
 <storage-dir>/machines/NAME (a tmpfs with --ephemeral). An OCI image without
 /sbin/init gives a `boot = false` machine running its Entrypoint and Cmd with
 its Env, WorkingDir and User.
 
 Example:
-  rmachinectl create web --image debian --start")]
+  rmachinectl create web --image debian --start"
+)]
 pub(crate) struct CreateOptions {
     /// The new machine's name.
     name: String,

@@ -62,7 +62,8 @@ pub(crate) fn tree_path(raw: &Path) -> Result<PathBuf, ImageError> {
 }
 
 fn cstring(name: &OsStr) -> Result<CString, ImageError> {
-    CString::new(name.as_bytes()).map_err(|_| ImageError::Archive("a path contains a NUL byte".into()))
+    CString::new(name.as_bytes())
+        .map_err(|_| ImageError::Archive("a path contains a NUL byte".into()))
 }
 
 fn io_at(what: &str, path: &Path) -> impl FnOnce(io::Error) -> ImageError {
@@ -289,18 +290,15 @@ impl Extractor {
                     ImageError::Archive(format!("{}: a hard link without a target", path.display()))
                 })?;
                 let target = tree_path(&target)?;
-                let source = sys::open_in_root(
-                    self.root.as_fd(),
-                    &target,
-                    libc::O_PATH | libc::O_NOFOLLOW,
-                )
-                .map_err(|e| {
-                    ImageError::Archive(format!(
-                        "{}: hard link to {}, which is not in the image: {e}",
-                        path.display(),
-                        target.display()
-                    ))
-                })?;
+                let source =
+                    sys::open_in_root(self.root.as_fd(), &target, libc::O_PATH | libc::O_NOFOLLOW)
+                        .map_err(|e| {
+                            ImageError::Archive(format!(
+                                "{}: hard link to {}, which is not in the image: {e}",
+                                path.display(),
+                                target.display()
+                            ))
+                        })?;
                 let empty = CString::default();
                 // SAFETY: linkat(2) with AT_EMPTY_PATH links the file the
                 // O_PATH descriptor names; both strings are NUL-terminated.
@@ -327,13 +325,8 @@ impl Extractor {
                     0,
                 )
                 .map_err(errno_at("creating fifo", path))?;
-                let fd = open_at(
-                    parent.as_fd(),
-                    &cname,
-                    libc::O_PATH | libc::O_NOFOLLOW,
-                    0,
-                )
-                .map_err(io_at("opening fifo", path))?;
+                let fd = open_at(parent.as_fd(), &cname, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                    .map_err(io_at("opening fifo", path))?;
                 // fchown/fchmod refuse O_PATH descriptors: go through /proc.
                 let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
                 nix::unistd::chown(proc.as_str(), Some(uid.into()), Some(gid.into()))
@@ -429,11 +422,9 @@ impl Extractor {
             return Ok(());
         };
         let parent = path.parent().unwrap_or(Path::new(""));
-        let Ok(dir) = sys::open_in_root(
-            self.root.as_fd(),
-            parent,
-            libc::O_PATH | libc::O_DIRECTORY,
-        ) else {
+        let Ok(dir) =
+            sys::open_in_root(self.root.as_fd(), parent, libc::O_PATH | libc::O_DIRECTORY)
+        else {
             return Ok(());
         };
         let cname = cstring(name)?;
@@ -443,11 +434,8 @@ impl Extractor {
 
     /// `.wh..wh..opq` in `dir`: removes what earlier layers put in `dir`.
     fn make_opaque(&mut self, dir: &Path) -> Result<(), ImageError> {
-        let Ok(fd) = sys::open_in_root(
-            self.root.as_fd(),
-            dir,
-            libc::O_RDONLY | libc::O_DIRECTORY,
-        ) else {
+        let Ok(fd) = sys::open_in_root(self.root.as_fd(), dir, libc::O_RDONLY | libc::O_DIRECTORY)
+        else {
             return Ok(());
         };
         let names: Vec<PathBuf> = read_names(fd.as_fd()).map_err(io_at("listing", dir))?;
@@ -512,7 +500,12 @@ fn parse_id(value: &[u8]) -> Option<u32> {
     std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
-fn open_at(dir: BorrowedFd<'_>, name: &CString, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
+fn open_at(
+    dir: BorrowedFd<'_>,
+    name: &CString,
+    flags: libc::c_int,
+    mode: u32,
+) -> io::Result<OwnedFd> {
     // SAFETY: openat(2) with a NUL-terminated name; the result is checked.
     let fd = unsafe {
         libc::openat(
@@ -584,7 +577,11 @@ pub(crate) fn remove_at(parent: BorrowedFd<'_>, name: &CString, is_dir: bool) ->
                 nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
             )
             .map_err(io::Error::from)?;
-            remove_at(dir.as_fd(), &cchild, stat.st_mode & libc::S_IFMT == libc::S_IFDIR)?;
+            remove_at(
+                dir.as_fd(),
+                &cchild,
+                stat.st_mode & libc::S_IFMT == libc::S_IFDIR,
+            )?;
         }
     }
     let flags = if is_dir {
@@ -601,8 +598,14 @@ mod tests {
 
     #[test]
     fn tree_paths_stay_inside() {
-        assert_eq!(tree_path(Path::new("./etc/passwd")).unwrap(), Path::new("etc/passwd"));
-        assert_eq!(tree_path(Path::new("/usr/bin")).unwrap(), Path::new("usr/bin"));
+        assert_eq!(
+            tree_path(Path::new("./etc/passwd")).unwrap(),
+            Path::new("etc/passwd")
+        );
+        assert_eq!(
+            tree_path(Path::new("/usr/bin")).unwrap(),
+            Path::new("usr/bin")
+        );
         assert_eq!(tree_path(Path::new("./")).unwrap(), Path::new(""));
         assert!(matches!(
             tree_path(Path::new("a/../../etc")),

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-pub use extract::Stats;
 use extract::Extractor;
+pub use extract::Stats;
 
 /// `<storage-dir>/images`.
 pub fn images_dir(storage_dir: &Path) -> PathBuf {
@@ -42,7 +42,9 @@ pub enum ImageError {
     InvalidName(String),
     #[error("no image named {0:?} is imported (see `rmachinectl image list`)")]
     NoSuchImage(String),
-    #[error("an image named {0:?} already exists; remove it first (`rmachinectl image remove {0}`)")]
+    #[error(
+        "an image named {0:?} already exists; remove it first (`rmachinectl image remove {0}`)"
+    )]
     Exists(String),
     #[error("an import of {0:?} is already running")]
     Busy(String),
@@ -97,7 +99,9 @@ impl FromStr for Format {
         Format::ALL
             .into_iter()
             .find(|f| f.as_str() == s)
-            .ok_or_else(|| format!("{s:?} is not an image format; expected \"tar\", \"oci\" or \"\" (detect)"))
+            .ok_or_else(|| {
+                format!("{s:?} is not an image format; expected \"tar\", \"oci\" or \"\" (detect)")
+            })
     }
 }
 
@@ -275,7 +279,8 @@ pub(crate) fn decompress<'a, R: Read + 'a>(mut reader: R) -> io::Result<Box<dyn 
         }
         head.extend_from_slice(&byte[..n]);
     }
-    let kind = sniff(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let kind =
+        sniff(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     let whole = io::Cursor::new(head).chain(reader);
     Ok(match kind {
         Compression::None => Box::new(whole),
@@ -331,7 +336,8 @@ pub fn import(
         }
     };
     let finished = (|| {
-        let root = File::open(&partial).map_err(io_err(format!("opening {}", partial.display())))?;
+        let root =
+            File::open(&partial).map_err(io_err(format!("opening {}", partial.display())))?;
         // SAFETY: syncfs(2) on a descriptor we own.
         if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
             return Err(io_err("syncing the image")(io::Error::last_os_error()));
@@ -340,7 +346,11 @@ pub fn import(
             if e.raw_os_error() == Some(libc::EEXIST) {
                 ImageError::Exists(name.clone())
             } else {
-                io_err(format!("renaming {} to {}", partial.display(), tree.display()))(e)
+                io_err(format!(
+                    "renaming {} to {}",
+                    partial.display(),
+                    tree.display()
+                ))(e)
             }
         })
     })();
@@ -389,15 +399,18 @@ fn fill(partial: &Path, request: ImportRequest, progress: &Progress) -> Result<F
     }
     if meta.is_file() {
         let mut file = source;
-        file.seek(SeekFrom::Start(0)).map_err(io_err("reading the source"))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(io_err("reading the source"))?;
         let mut head = [0u8; 6];
         let n = read_head(&mut file, &mut head)?;
         let compressed = !matches!(sniff(&head[..n])?, Compression::None);
         if !compressed && request.format != Format::Tar {
-            file.seek(SeekFrom::Start(0)).map_err(io_err("reading the source"))?;
+            file.seek(SeekFrom::Start(0))
+                .map_err(io_err("reading the source"))?;
             let layout = oci::Layout::tar(file.try_clone().map_err(io_err("reading the source"))?)?;
             if layout.is_layout() {
-                let (config, tag) = oci::import_layout(&layout, reference, &mut extractor, progress)?;
+                let (config, tag) =
+                    oci::import_layout(&layout, reference, &mut extractor, progress)?;
                 return Ok((extractor.finish()?, "oci", tag, Some(config)));
             }
         }
@@ -409,8 +422,10 @@ fn fill(partial: &Path, request: ImportRequest, progress: &Progress) -> Result<F
             ));
         }
         progress.total.store(meta.len(), Ordering::Relaxed);
-        file.seek(SeekFrom::Start(0)).map_err(io_err("reading the source"))?;
-        return tar_stream(file, extractor, progress).map(|stats| (stats, "tar", String::new(), None));
+        file.seek(SeekFrom::Start(0))
+            .map_err(io_err("reading the source"))?;
+        return tar_stream(file, extractor, progress)
+            .map(|stats| (stats, "tar", String::new(), None));
     }
     if request.format == Format::Oci {
         return Err(ImageError::Unsupported(
@@ -444,8 +459,8 @@ fn tar_stream(
         inner: io::BufReader::with_capacity(1 << 20, source),
         progress,
     };
-    let mut decoded =
-        decompress(counting).map_err(|e| ImageError::Archive(format!("reading the source: {e}")))?;
+    let mut decoded = decompress(counting)
+        .map_err(|e| ImageError::Archive(format!("reading the source: {e}")))?;
     extractor.apply(&mut decoded, false)?;
     // The rest (padding, a compressor's trailer) is read too, so a writer
     // on a pipe is not cut off.
@@ -477,11 +492,16 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 /// Creates a machine's writable layer (`upper/`, `work/`) if missing. The
 /// upper directory takes the image root's owner and mode: it is the
 /// machine's `/`.
-pub fn prepare_layer(storage_dir: &Path, machine: &str, image_root: &Path) -> Result<PathBuf, ImageError> {
+pub fn prepare_layer(
+    storage_dir: &Path,
+    machine: &str,
+    image_root: &Path,
+) -> Result<PathBuf, ImageError> {
     let machines = storage_dir.join("machines");
     ensure_private_dir(&machines)?;
     let layer = layer_dir(storage_dir, machine);
-    let root_meta = fs::metadata(image_root).map_err(io_err(format!("inspecting {}", image_root.display())))?;
+    let root_meta =
+        fs::metadata(image_root).map_err(io_err(format!("inspecting {}", image_root.display())))?;
     for (dir, mode) in [(&layer, 0o700), (&layer.join("work"), 0o700)] {
         match fs::DirBuilder::new().mode(mode).create(dir) {
             Ok(()) => {}
@@ -495,8 +515,11 @@ pub fn prepare_layer(storage_dir: &Path, machine: &str, image_root: &Path) -> Re
             use std::os::unix::fs::MetadataExt;
             std::os::unix::fs::chown(&upper, Some(root_meta.uid()), Some(root_meta.gid()))
                 .map_err(io_err(format!("creating {}", upper.display())))?;
-            fs::set_permissions(&upper, fs::Permissions::from_mode(root_meta.mode() & 0o7777))
-                .map_err(io_err(format!("creating {}", upper.display())))?;
+            fs::set_permissions(
+                &upper,
+                fs::Permissions::from_mode(root_meta.mode() & 0o7777),
+            )
+            .map_err(io_err(format!("creating {}", upper.display())))?;
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io_err(format!("creating {}", upper.display()))(e)),
@@ -554,9 +577,10 @@ fn resolve_user(tree: &Path, user: &str) -> Result<(u32, u32), ImageError> {
         None => (user, None),
     };
     let passwd = read_guest_file(tree, "/etc/passwd").unwrap_or_default();
-    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| {
-        f.len() >= 4 && (f[0] == user_part || f[2] == user_part)
-    });
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && (f[0] == user_part || f[2] == user_part));
     let uid = match user_part.parse::<u32>() {
         Ok(uid) => uid,
         Err(_) => entry
@@ -594,10 +618,11 @@ fn resolve_program(tree: &Path, program: &str, path: &str) -> Result<String, Ima
     let root = File::open(tree).map_err(io_err(format!("opening {}", tree.display())))?;
     for dir in path.split(':').filter(|d| d.starts_with('/')) {
         let candidate = format!("{}/{program}", dir.trim_end_matches('/'));
-        let found = crate::runtime::sys::open_in_root(root.as_fd(), Path::new(&candidate), libc::O_PATH)
-            .ok()
-            .and_then(|fd| fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok())
-            .is_some_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        let found =
+            crate::runtime::sys::open_in_root(root.as_fd(), Path::new(&candidate), libc::O_PATH)
+                .ok()
+                .and_then(|fd| fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok())
+                .is_some_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
         if found {
             return Ok(candidate);
         }
@@ -700,7 +725,10 @@ mod tests {
     fn compression_is_told_by_content() {
         assert!(matches!(sniff(&[0x1f, 0x8b, 8, 0]), Ok(Compression::Gzip)));
         assert!(matches!(sniff(b"\xfd7zXZ\0"), Ok(Compression::Xz)));
-        assert!(matches!(sniff(&[0x28, 0xb5, 0x2f, 0xfd]), Ok(Compression::Zstd)));
+        assert!(matches!(
+            sniff(&[0x28, 0xb5, 0x2f, 0xfd]),
+            Ok(Compression::Zstd)
+        ));
         assert!(matches!(sniff(b"etc/\0\0"), Ok(Compression::None)));
         assert!(sniff(b"BZh91A").is_err());
     }

@@ -41,7 +41,8 @@ impl Layout {
                 .entries_with_seek()
                 .map_err(|e| ImageError::Archive(format!("reading the tar: {e}")))?;
             for entry in entries {
-                let entry = entry.map_err(|e| ImageError::Archive(format!("reading the tar: {e}")))?;
+                let entry =
+                    entry.map_err(|e| ImageError::Archive(format!("reading the tar: {e}")))?;
                 if entry.header().entry_type() != tar::EntryType::Regular {
                     continue;
                 }
@@ -69,9 +70,8 @@ impl Layout {
     }
 
     fn open(&self, path: &str) -> Result<(Box<dyn Read + '_>, u64), ImageError> {
-        let missing = |e: io::Error| {
-            ImageError::Oci(format!("the OCI layout has no readable {path}: {e}"))
-        };
+        let missing =
+            |e: io::Error| ImageError::Oci(format!("the OCI layout has no readable {path}: {e}"));
         match self {
             Layout::Dir(dir) => {
                 let fd = sys::open_in_root(dir.as_fd(), Path::new(path), libc::O_RDONLY)
@@ -86,9 +86,9 @@ impl Layout {
                 Ok((Box::new(file), meta.len()))
             }
             Layout::Tar { file, members } => {
-                let (offset, size) = *members.get(path).ok_or_else(|| {
-                    ImageError::Oci(format!("the OCI archive has no {path}"))
-                })?;
+                let (offset, size) = *members
+                    .get(path)
+                    .ok_or_else(|| ImageError::Oci(format!("the OCI archive has no {path}")))?;
                 let mut file = file.try_clone().map_err(missing)?;
                 file.seek(SeekFrom::Start(offset)).map_err(missing)?;
                 Ok((Box::new(file.take(size)), size))
@@ -183,7 +183,9 @@ struct OciLayoutFile {
 fn blob_path(digest: &str) -> Result<String, ImageError> {
     let hex = digest
         .strip_prefix("sha256:")
-        .filter(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .filter(|hex| {
+            hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        })
         .ok_or_else(|| {
             ImageError::Oci(format!(
                 "unsupported or malformed digest {digest:?} (only sha256 is supported)"
@@ -238,7 +240,10 @@ fn host_architecture() -> &'static str {
 }
 
 /// Picks the manifest: the one tagged `reference`, or the only one.
-fn pick<'a>(manifests: &'a [Descriptor], reference: Option<&str>) -> Result<&'a Descriptor, ImageError> {
+fn pick<'a>(
+    manifests: &'a [Descriptor],
+    reference: Option<&str>,
+) -> Result<&'a Descriptor, ImageError> {
     let tags: Vec<&str> = manifests
         .iter()
         .filter_map(|m| m.annotations.get(REF_ANNOTATION).map(String::as_str))
@@ -250,16 +255,26 @@ fn pick<'a>(manifests: &'a [Descriptor], reference: Option<&str>) -> Result<&'a 
             .ok_or_else(|| {
                 ImageError::Oci(format!(
                     "the OCI layout has no manifest tagged {reference:?} (tags: {})",
-                    if tags.is_empty() { "none".to_owned() } else { tags.join(", ") }
+                    if tags.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        tags.join(", ")
+                    }
                 ))
             }),
         None => match manifests {
             [one] => Ok(one),
-            [] => Err(ImageError::Oci("the OCI layout's index.json lists no manifest".into())),
+            [] => Err(ImageError::Oci(
+                "the OCI layout's index.json lists no manifest".into(),
+            )),
             _ => Err(ImageError::Oci(format!(
                 "the OCI layout holds {} manifests; pick one with --ref (tags: {})",
                 manifests.len(),
-                if tags.is_empty() { "none".to_owned() } else { tags.join(", ") }
+                if tags.is_empty() {
+                    "none".to_owned()
+                } else {
+                    tags.join(", ")
+                }
             ))),
         },
     }
@@ -309,10 +324,14 @@ pub(crate) fn import_layout(
                 ImageError::Oci(format!("the OCI index has no manifest for linux/{arch}"))
             })?;
     }
-    let manifest: Manifest = layout.read_json(&blob_path(&descriptor.digest)?, Some(&descriptor))?;
+    let manifest: Manifest =
+        layout.read_json(&blob_path(&descriptor.digest)?, Some(&descriptor))?;
     let config: ConfigFile =
         layout.read_json(&blob_path(&manifest.config.digest)?, Some(&manifest.config))?;
-    progress.total.store(manifest.layers.iter().map(|l| l.size).sum(), Ordering::Relaxed);
+    progress.total.store(
+        manifest.layers.iter().map(|l| l.size).sum(),
+        Ordering::Relaxed,
+    );
     for layer in &manifest.layers {
         let path = blob_path(&layer.digest)?;
         let (raw, _) = layout.open(&path)?;

@@ -29,7 +29,13 @@ impl Manager {
         reference: Option<String>,
     ) -> Result<ImageInfo, ManagerError> {
         crate::definition::validate_image_name(name).map_err(ManagerError::InvalidName)?;
-        if !self.inner.imports.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned()) {
+        if !self
+            .inner
+            .imports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned())
+        {
             return Err(ImageError::Busy(name.to_owned()).into());
         }
         let progress = Arc::new(Progress::default());
@@ -41,9 +47,8 @@ impl Manager {
             reference,
         };
         let worker_progress = progress.clone();
-        let mut work = tokio::task::spawn_blocking(move || {
-            image::import(&images, request, &worker_progress)
-        });
+        let mut work =
+            tokio::task::spawn_blocking(move || image::import(&images, request, &worker_progress));
         let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
         let result = loop {
             tokio::select! {
@@ -61,7 +66,12 @@ impl Manager {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
         let info = result.map_err(|e| ManagerError::Io(format!("the import stopped: {e}")))??;
-        tracing::info!(image = name, files = info.stats.files, bytes = info.size, "image imported");
+        tracing::info!(
+            image = name,
+            files = info.stats.files,
+            bytes = info.size,
+            "image imported"
+        );
         // Definitions that name this image become valid.
         self.reload().await?;
         Ok(info)
@@ -76,6 +86,10 @@ impl Manager {
                     .definition
                     .as_ref()
                     .is_ok_and(|def| def.image.as_deref() == Some(image))
+                    || entry
+                        .plan
+                        .as_ref()
+                        .is_some_and(|plan| plan.definition.image.as_deref() == Some(image))
                     || definition_names_image(&entry.info.definition, image)
             })
             .map(|entry| entry.info.name.clone())

@@ -535,7 +535,12 @@ fn mount_root(
 /// the tree itself, a read-only image, or an ephemeral overlay on a tmpfs.
 pub fn persistent_layer(plan: &MachinePlan) -> Option<&Path> {
     let def = &plan.definition;
-    match (&plan.layer, def.image.is_some(), def.ephemeral, def.read_only) {
+    match (
+        &plan.layer,
+        def.image.is_some(),
+        def.ephemeral,
+        def.read_only,
+    ) {
         (Some(layer), true, false, false) => Some(layer),
         _ => None,
     }
