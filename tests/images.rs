@@ -436,11 +436,20 @@ fn oci_layouts_import_with_whiteouts_and_run_their_config() {
         definition.contains("boot = false") && definition.contains("\"/bin/sh\""),
         "{definition}"
     );
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    assert_eq!(
-        sh(&h, "app1", "cat /tmp/greeting /tmp/pwd /tmp/uid"),
-        "hello-oci\n/app\n1000"
-    );
+    // The command writes its files soon after it runs (a loaded host: wait).
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = sh(
+            &h,
+            "app1",
+            "cat /tmp/greeting /tmp/pwd /tmp/uid 2>/dev/null || true",
+        );
+        if seen.lines().count() == 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(seen, "hello-oci\n/app\n1000");
     // The same image boots twice at once.
     ok(
         ctl(
