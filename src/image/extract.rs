@@ -193,7 +193,6 @@ impl Extractor {
             uid,
             gid,
             mode,
-            mtime,
             xattrs,
         };
 
@@ -226,9 +225,9 @@ impl Extractor {
         let (parent, name) = self.parent_of(path)?;
         let cname = cstring(name)?;
         let is_dir = kind == EntryType::Directory;
-        if !self.replace_existing(parent.as_fd(), &cname, is_dir, path)? && is_dir {
-            // A directory over a directory: merged, with the new metadata.
-        }
+        // A directory over a directory is merged (with the new metadata);
+        // anything else replaces what was there.
+        self.replace_existing(parent.as_fd(), &cname, is_dir, path)?;
         self.this_layer.insert(path.to_path_buf());
         let dirfd = parent.as_raw_fd();
         match kind {
@@ -456,7 +455,6 @@ struct Meta {
     uid: u32,
     gid: u32,
     mode: u32,
-    mtime: i64,
     xattrs: Vec<(String, Vec<u8>)>,
 }
 
@@ -491,7 +489,6 @@ impl Meta {
                 stats.xattrs_dropped += 1;
             }
         }
-        let _ = self.mtime;
         Ok(())
     }
 }
