@@ -273,7 +273,11 @@ fn image_machines(opts: &Options, rows: &mut Vec<Row>) {
         "import: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let copy = Path::new("/var/tmp/rmachines-bench/debian-copy");
+    let copy = PathBuf::from(format!(
+        "/var/tmp/rmachines-bench/debian-copy-{}",
+        std::process::id()
+    ));
+    let copy = copy.as_path();
     let (mut create, mut copying, mut boot_image, mut boot_root) = (vec![], vec![], vec![], vec![]);
     for run in 0..opts.runs {
         let name = format!("deb-image-{run}");
