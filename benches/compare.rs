@@ -5,7 +5,7 @@
 //!     scripts/bench.sh --only density --sweep 500   # one case, prints only
 //!
 //! Cases for `--only` (comma-separated): boot (and stop), start, shell,
-//! exec (throughput through `shell -T`), density.
+//! exec (throughput through `shell -T`), density, image.
 //!
 //! Runs alternate between rmachines and the reference. Figures are medians
 //! and p95 of this run's own measurements; nothing is typed in. Needs root,
@@ -248,6 +248,73 @@ fn boot_and_stop(opts: &Options, rows: &mut Vec<Row>, breakdown: &mut Vec<(Strin
         reference_name: "SIGTERM to systemd-nspawn until exit".into(),
         unit: "ms",
         target: "ratio <= 1.0".into(),
+    });
+}
+
+/// A machine made from an imported Debian image: `create` (which copies
+/// nothing) against copying the tree, and its boot to ready on the overlay
+/// root against the same tree used as `root`.
+fn image_machines(opts: &Options, rows: &mut Vec<Row>) {
+    let tree = bench_tree("debian");
+    let h = Harness::start_with(|c| write_definition(c, "deb-root", &tree, ""));
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .args(["--numeric-owner", "--xattrs", "-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tar");
+    let pipe = tar.stdout.take().expect("tar stdout");
+    let out = Command::new(env!("CARGO_BIN_EXE_rmachinectl"))
+        .args(["image", "import", "debian", "-"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", h.address())
+        .stdin(Stdio::from(pipe))
+        .output()
+        .expect("rmachinectl image import");
+    assert!(
+        tar.wait().is_ok_and(|status| status.success()),
+        "tar failed"
+    );
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy = PathBuf::from(format!(
+        "/var/tmp/rmachines-bench/debian-copy-{}",
+        std::process::id()
+    ));
+    let copy = copy.as_path();
+    let (mut create, mut copying, mut boot_image, mut boot_root) = (vec![], vec![], vec![], vec![]);
+    for run in 0..opts.runs {
+        let name = format!("deb-image-{run}");
+        create.push(ms(rmachinectl(&h, &["create", &name, "--image", "debian"])));
+        let _ = std::fs::remove_dir_all(copy);
+        let started = Instant::now();
+        assert!(run_quiet(Command::new("cp").arg("-a").arg(&tree).arg(copy)).success());
+        copying.push(ms(started.elapsed()));
+        let _ = std::fs::remove_dir_all(copy);
+        boot_image.push(ms(rmachinectl(&h, &["start", &name])));
+        rmachinectl(&h, &["stop", &name]);
+        boot_root.push(ms(rmachinectl(&h, &["start", "deb-root"])));
+        rmachinectl(&h, &["stop", "deb-root"]);
+        rmachinectl(&h, &["remove", &name]);
+    }
+    rows.push(Row {
+        case: "create a machine from an imported Debian image".into(),
+        ours: create,
+        reference: copying,
+        reference_name: "cp -a of the same tree (a machine's own copy)".into(),
+        unit: "ms",
+        target: "create <= 50 ms".into(),
+    });
+    rows.push(Row {
+        case: "boot to ready, Debian image (overlay root, first boot of its layer)".into(),
+        ours: boot_image,
+        reference: boot_root,
+        reference_name: "rmachines, the same tree as root".into(),
+        unit: "ms",
+        target: "ratio <= 1.1".into(),
     });
 }
 
@@ -752,6 +819,10 @@ fn main() {
     if runs_case("start") {
         eprintln!("start overhead ...");
         runtime.block_on(start_overhead(&opts, &mut rows));
+    }
+    if runs_case("image") {
+        eprintln!("machines from an image ...");
+        image_machines(&opts, &mut rows);
     }
     if runs_case("shell") {
         eprintln!("shell round trip ...");

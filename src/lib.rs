@@ -14,6 +14,7 @@ pub mod cli;
 pub mod daemon;
 pub mod dbus;
 pub mod definition;
+pub mod image;
 pub mod manager;
 pub mod network;
 pub mod runtime;

@@ -14,6 +14,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::definition::{load_dir, validate_name, Definition};
+use crate::image::{self, ImageError};
 use crate::network::{self, NetworkConfig};
 use crate::runtime::idrange::{self, HostIdFiles};
 use crate::runtime::protocol::{now_usec, Command, Status};
@@ -23,6 +24,9 @@ use crate::runtime::{self, cgroup, enter, paths, supervisor, MachinePlan, Runtim
 const GUEST_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub use crate::runtime::protocol::MachineState;
+
+mod images;
+pub use images::ImageUse;
 
 /// A snapshot of one machine, everything the Machine object exposes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +59,8 @@ pub enum Event {
     MachineAdded { name: String },
     /// `Reload` found a definition gone (and the machine not running).
     MachineRemoved { name: String },
+    /// An image import read `done` of `total` bytes (0: unknown).
+    ImportProgress { name: String, done: u64, total: u64 },
 }
 
 /// Where the daemon keeps things.
@@ -107,6 +113,10 @@ pub enum ManagerError {
     InvalidArgument(String),
     #[error("{0}")]
     Io(String),
+    #[error("a machine named {0:?} is already defined; pick another name or `rmachinectl remove {0}` first")]
+    MachineExists(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
 }
 
 /// The manager handle; cheap to clone, shared by every D-Bus object.
@@ -126,6 +136,8 @@ struct Inner {
     systemd: std::sync::OnceLock<crate::systemd::Host>,
     /// Running sessions: a word to their waiter hangs the command up.
     sessions: Mutex<std::collections::HashMap<u32, oneshot::Sender<()>>>,
+    /// Names of the images being imported.
+    imports: Mutex<std::collections::BTreeSet<String>>,
 }
 
 struct Entry {
@@ -200,8 +212,10 @@ impl Manager {
                 next_session: AtomicU32::new(1),
                 systemd: std::sync::OnceLock::new(),
                 sessions: Mutex::new(std::collections::HashMap::new()),
+                imports: Mutex::new(Default::default()),
             }),
         };
+        image::remove_leftovers(&image::images_dir(&manager.inner.config.storage_dir));
         manager.reload().await?;
         let names: Vec<String> = manager.lock().keys().cloned().collect();
         for name in names {
@@ -513,6 +527,13 @@ impl Manager {
         let stop_timeout = definition.stop_timeout;
         let (plan, launched) = tokio::task::spawn_blocking(
             move || -> Result<(MachinePlan, supervisor::Launched), String> {
+                let layer = match &definition.image {
+                    Some(_) if !definition.ephemeral && !definition.read_only => Some(
+                        image::prepare_layer(&config.storage_dir, &owned_name, &definition.root)
+                            .map_err(|e| e.to_string())?,
+                    ),
+                    _ => None,
+                };
                 let ids = idrange::assign_range(
                     &config.storage_dir,
                     &owned_name,
@@ -527,6 +548,7 @@ impl Manager {
                     ids,
                     machine_dir: runtime::machine_dir(&config.state_dir, &owned_name),
                     cgroup: cgroup::machine_cgroup_path(&owned_name).map_err(|e| e.to_string())?,
+                    layer,
                     definition,
                     network,
                 };
@@ -874,7 +896,8 @@ impl Manager {
     /// Re-reads the definitions; running machines are not disturbed.
     pub async fn reload(&self) -> Result<ReloadSummary, ManagerError> {
         let dir = self.inner.config.config_dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_dir(&dir))
+        let images = crate::image::images_dir(&self.inner.config.storage_dir);
+        let loaded = tokio::task::spawn_blocking(move || load_dir(&dir, &images))
             .await
             .map_err(|e| ManagerError::Io(e.to_string()))?;
         let loaded = match loaded {

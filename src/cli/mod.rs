@@ -2,6 +2,8 @@
 //! D-Bus, through the proxies in [`crate::dbus::proxy`].
 
 mod copy;
+mod create;
+mod image;
 mod lifecycle;
 mod logs;
 mod query;
@@ -56,6 +58,13 @@ enum Command {
     /// Make rmachined re-read the machine definitions; a running machine
     /// whose [resources] changed gets the new limits at once.
     Reload,
+    /// Manage images: import, list, remove.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Define a machine made from an image (copies nothing).
+    Create(create::CreateOptions),
+    /// Delete stopped machines' definitions and writable layers.
+    Remove(create::RemoveOptions),
 }
 
 /// The "Remote hosts" part of `--help` and rmachinectl(1).
@@ -149,6 +158,9 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Shell(options) => options.run(&manager).await,
         Command::Cp(options) => options.run(&manager).await,
         Command::Logs(options) => options.run(&manager).await,
+        Command::Image(command) => command.run(&manager).await,
+        Command::Create(options) => options.run(&manager).await,
+        Command::Remove(options) => options.run(&manager).await,
         Command::Reload => {
             manager.reload().await?;
             Ok(0)

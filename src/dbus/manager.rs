@@ -8,6 +8,7 @@ use zbus::{interface, Connection};
 
 use super::error::Error;
 use super::{auth, machine_path, validate, ACTION_MANAGE, ACTION_SHELL, MANAGER_PATH};
+use crate::image::Format;
 use crate::manager::Manager;
 
 /// The Manager object; holds only a handle to the core.
@@ -170,6 +171,104 @@ impl ManagerObject {
         );
         Ok(())
     }
+
+    /// Imports the file, pipe or directory `source` (an OCI image layout)
+    /// as image `name`; `format` is "" (detect), "tar" or "oci", `reference`
+    /// picks an OCI manifest by tag ("": the only one). Returns the format,
+    /// the bytes and files written and the device nodes dropped.
+    #[zbus(out_args("format", "bytes", "files", "devices_dropped"))]
+    async fn import_image(
+        &self,
+        name: &str,
+        source: zvariant::OwnedFd,
+        format: &str,
+        reference: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<(String, u64, u64, u64), Error> {
+        auth::authorize(connection, &header, ACTION_MANAGE, "ImportImage").await?;
+        validate::image_name(name)?;
+        let format = format.parse::<Format>().map_err(Error::InvalidArgument)?;
+        validate::reference(reference)?;
+        let reference = (!reference.is_empty()).then(|| reference.to_owned());
+        let info = self
+            .manager
+            .import_image(name, std::os::fd::OwnedFd::from(source), format, reference)
+            .await?;
+        Ok((
+            info.format,
+            info.size,
+            info.stats.files,
+            info.stats.devices_dropped,
+        ))
+    }
+
+    /// Every image: name, format, bytes, import time (realtime µs) and the
+    /// machines whose definitions name it.
+    #[zbus(out_args("images"))]
+    async fn list_images(&self) -> Result<Vec<(String, String, u64, u64, Vec<String>)>, Error> {
+        Ok(self
+            .manager
+            .list_images()?
+            .into_iter()
+            .map(|(info, users)| (info.name, info.format, info.size, info.imported, users))
+            .collect())
+    }
+
+    /// Removes an image; refused while a machine's definition names it.
+    async fn remove_image(
+        &self,
+        name: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<(), Error> {
+        auth::authorize(connection, &header, ACTION_MANAGE, "RemoveImage").await?;
+        validate::image_name(name)?;
+        self.manager.remove_image(name).await?;
+        Ok(())
+    }
+
+    /// Writes the definition of machine `name` made from `image` (nothing
+    /// is copied) and returns its object.
+    #[zbus(out_args("machine"))]
+    async fn create_machine(
+        &self,
+        name: &str,
+        image: &str,
+        ephemeral: bool,
+        autostart: bool,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<OwnedObjectPath, Error> {
+        auth::authorize(connection, &header, ACTION_MANAGE, "CreateMachine").await?;
+        validate::machine_name(name)?;
+        validate::image_name(image)?;
+        self.manager
+            .create_machine(name, image, ephemeral, autostart)
+            .await?;
+        Ok(machine_path(name))
+    }
+
+    /// Deletes a stopped machine's definition and writable layer.
+    async fn remove_machine(
+        &self,
+        name: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<(), Error> {
+        auth::authorize(connection, &header, ACTION_MANAGE, "RemoveMachine").await?;
+        validate::machine_name(name)?;
+        self.manager.remove_machine(name).await?;
+        Ok(())
+    }
+
+    #[zbus(signal)]
+    pub(crate) async fn import_progress(
+        emitter: &SignalEmitter<'_>,
+        name: &str,
+        done: u64,
+        total: u64,
+    ) -> zbus::Result<()>;
 
     #[zbus(signal)]
     pub(crate) async fn state_changed(

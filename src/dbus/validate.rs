@@ -18,6 +18,25 @@ pub(crate) fn machine_name(name: &str) -> Result<(), Error> {
     })
 }
 
+/// Rejects anything that is not a valid image name with `InvalidArgument`.
+pub(crate) fn image_name(name: &str) -> Result<(), Error> {
+    crate::definition::validate_image_name(name).map_err(|reason| {
+        Error::InvalidArgument(format!("invalid image name {}: {reason}", echo(name)))
+    })
+}
+
+/// An OCI tag: printable, at most 256 bytes.
+pub(crate) fn reference(reference: &str) -> Result<(), Error> {
+    if reference.len() <= 256 && reference.chars().all(|c| !c.is_control()) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid image reference {}: at most 256 printable characters",
+            echo(reference)
+        )))
+    }
+}
+
 /// A user inside the machine: empty (root), a uid, or a POSIX-ish user name.
 pub(crate) fn user_name(user: &str) -> Result<(), Error> {
     if user.is_empty() || (user.len() <= 10 && user.bytes().all(|b| b.is_ascii_digit())) {

@@ -330,13 +330,18 @@ fn parent_setup(
     };
 
     let def = &plan.definition;
-    let mut trees = vec![idmapped_tree(&def.root, def.read_only, ns.user.as_fd())?];
+    // An image is never written: it is only ever a read-only lower layer.
+    let root_read_only = def.read_only || def.image.is_some();
+    let mut trees = vec![idmapped_tree(&def.root, root_read_only, ns.user.as_fd())?];
     for bind in &def.binds {
         trees.push(idmapped_tree(
             &bind.source,
             bind.read_only,
             ns.user.as_fd(),
         )?);
+    }
+    if let Some(layer) = persistent_layer(plan) {
+        trees.push(idmapped_tree(layer, false, ns.user.as_fd())?);
     }
     let mount_setup = start_mount_setup(plan, res, &ns, trees, setup)?;
     step("mount setup started");
@@ -518,13 +523,15 @@ fn mount_setup_main(
         )))?;
     }
     GUEST_ROOT.store(plan.ids.base, std::sync::atomic::Ordering::Relaxed);
+    let mut trees = trees;
+    let layer = persistent_layer(plan).and_then(|_| trees.pop());
 
     let new_root = plan.machine_dir.join(paths::ROOT_MOUNT);
     let mut trees = trees.into_iter();
     let root_tree = trees
         .next()
         .ok_or_else(|| RuntimeError::Child("no root tree".into()))?;
-    mount_root(plan, root_tree, &new_root)?;
+    mount_root(plan, root_tree, layer, &new_root)?;
     let root = File::open(&new_root).map_err(RuntimeError::io("opening the new root"))?;
     let root = root.as_fd();
 
@@ -633,9 +640,16 @@ fn child_main(
         .collect::<Result<_, _>>()
         .map_err(|_| RuntimeError::Child("command contains a NUL byte".into()))?;
     let env = guest_environment(plan)?;
+    if let Some(dir) = &plan.definition.working_directory {
+        nix::unistd::chdir(dir).map_err(mount_err(format!(
+            "changing to the working directory {}",
+            dir.display()
+        )))?;
+    }
     wait_for_run(sock)?;
     sys::close_fds_from(3, &[sock.as_raw_fd()]);
     security::confine(&program)?;
+    become_user(plan.definition.user)?;
     let err = nix::unistd::execve(&argv[0], &argv, &env).unwrap_err();
     Err(RuntimeError::io(format!(
         "executing {}",
@@ -713,6 +727,18 @@ fn as_guest_root<T>(create: impl FnOnce() -> T) -> T {
     result
 }
 
+/// Drops from the machine's root to `user = "UID:GID"` (an OCI image's
+/// `User`), with no supplementary groups.
+fn become_user(user: Option<(u32, u32)>) -> Result<(), RuntimeError> {
+    let Some((uid, gid)) = user else {
+        return Ok(());
+    };
+    nix::unistd::setresgid(gid.into(), gid.into(), gid.into())
+        .map_err(mount_err(format!("setresgid({gid})")))?;
+    nix::unistd::setresuid(uid.into(), uid.into(), uid.into())
+        .map_err(mount_err(format!("setresuid({uid})")))
+}
+
 /// The supervisor wires the network while the child mounts; init runs
 /// only once it says so.
 fn wait_for_run(sock: BorrowedFd<'_>) -> Result<(), RuntimeError> {
@@ -742,10 +768,15 @@ fn fd_path(fd: BorrowedFd<'_>) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
-/// Puts the (idmapped) root on `new_root`; for an ephemeral machine, as the
-/// lower layer of an overlay whose upper layer is a tmpfs that dies with the
-/// mount namespace.
-fn mount_root(plan: &MachinePlan, tree: OwnedFd, new_root: &Path) -> Result<(), RuntimeError> {
+/// Puts the (idmapped) root on `new_root`; for an ephemeral machine or one
+/// made from an image, as the lower layer of an overlay (see
+/// [`mount_overlay_root`]).
+fn mount_root(
+    plan: &MachinePlan,
+    tree: OwnedFd,
+    layer: Option<OwnedFd>,
+    new_root: &Path,
+) -> Result<(), RuntimeError> {
     mount(
         None::<&str>,
         "/",
@@ -754,12 +785,47 @@ fn mount_root(plan: &MachinePlan, tree: OwnedFd, new_root: &Path) -> Result<(), 
         None::<&str>,
     )
     .map_err(mount_err("making the mount namespace private".into()))?;
-    let target = File::open(new_root)
-        .map_err(RuntimeError::io(format!("opening {}", new_root.display())))?;
-    if !plan.definition.ephemeral {
+    if layer.is_none() && !plan.definition.ephemeral {
+        let target = File::open(new_root)
+            .map_err(RuntimeError::io(format!("opening {}", new_root.display())))?;
         return sys::move_mount_to_fd(tree.as_fd(), target.as_fd())
             .map_err(RuntimeError::io("mounting the idmapped root"));
     }
+    mount_overlay_root(tree, layer, new_root)
+}
+
+/// The machine's writable layer on disk (`upper/` and `work/`), for a
+/// machine made from an image that keeps its changes; None when the root is
+/// the tree itself, a read-only image, or an ephemeral overlay on a tmpfs.
+pub fn persistent_layer(plan: &MachinePlan) -> Option<&Path> {
+    let def = &plan.definition;
+    match (
+        &plan.layer,
+        def.image.is_some(),
+        def.ephemeral,
+        def.read_only,
+    ) {
+        (Some(layer), true, false, false) => Some(layer),
+        _ => None,
+    }
+}
+
+/// Mounts an overlay on `new_root`: the idmapped tree `lower` as its
+/// read-only lower layer, and as its upper layer either `layer` (an idmapped
+/// mount of the machine's layer directory holding `upper/` and `work/`) or,
+/// without one, a tmpfs that dies with the mount namespace.
+///
+/// The overlay is mounted inside the machine's user namespace, where the
+/// kernel refuses `trusted.*` xattrs; without `userxattr` overlayfs then runs
+/// without xattrs and fails with EIO whatever needs one (a directory made
+/// where a lower one was removed needs the opaque mark: systemd-tmpfiles'
+/// `D! /tmp/.X11-unix`). With `userxattr` it keeps its marks in
+/// `user.overlay.*`, which tmpfs (Linux >= 6.6) and disk file systems store.
+fn mount_overlay_root(
+    lower: OwnedFd,
+    layer: Option<OwnedFd>,
+    new_root: &Path,
+) -> Result<(), RuntimeError> {
     mount(
         Some("tmpfs"),
         new_root,
@@ -767,42 +833,74 @@ fn mount_root(plan: &MachinePlan, tree: OwnedFd, new_root: &Path) -> Result<(), 
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=0755"),
     )
-    .map_err(mount_err("mounting the ephemeral tmpfs".into()))?;
-    for dir in ["lower", "upper", "work", "merged"] {
+    .map_err(mount_err("mounting the overlay's scratch tmpfs".into()))?;
+    for dir in ["lower", "layer", "merged"] {
         fs::create_dir(new_root.join(dir)).map_err(RuntimeError::io("preparing the overlay"))?;
     }
-    // The merged root takes its owner from the upper layer: the guest's root.
-    let owner = GUEST_ROOT.load(std::sync::atomic::Ordering::Relaxed);
-    for dir in ["upper", "work"] {
-        std::os::unix::fs::chown(new_root.join(dir), Some(owner), Some(owner))
-            .map_err(RuntimeError::io("preparing the overlay"))?;
-    }
-    let lower = File::open(new_root.join("lower")).map_err(RuntimeError::io("opening lower"))?;
-    sys::move_mount_to_fd(tree.as_fd(), lower.as_fd()).map_err(RuntimeError::io(
+    let place = |tree: &OwnedFd, dir: &str, what: &str| {
+        let target =
+            File::open(new_root.join(dir)).map_err(RuntimeError::io(format!("opening {dir}")))?;
+        sys::move_mount_to_fd(tree.as_fd(), target.as_fd()).map_err(RuntimeError::io(what))
+    };
+    place(
+        &lower,
+        "lower",
         "mounting the idmapped root as the overlay's lower layer",
-    ))?;
-    let options = format!(
-        "lowerdir={0}/lower,upperdir={0}/upper,workdir={0}/work",
-        new_root.display()
-    );
-    let merged = new_root.join("merged");
+    )?;
+    match &layer {
+        Some(layer) => place(
+            layer,
+            "layer",
+            "mounting the machine's idmapped writable layer",
+        )?,
+        None => {
+            // The merged root takes its owner from the upper layer: the
+            // guest's root.
+            let owner = GUEST_ROOT.load(std::sync::atomic::Ordering::Relaxed);
+            for dir in ["layer/upper", "layer/work"] {
+                fs::create_dir(new_root.join(dir))
+                    .map_err(RuntimeError::io("preparing the overlay"))?;
+                std::os::unix::fs::chown(new_root.join(dir), Some(owner), Some(owner))
+                    .map_err(RuntimeError::io("preparing the overlay"))?;
+            }
+        }
+    }
+    // Relative paths: the state directory's path may hold characters the
+    // option parser splits on (`,`, `:`).
+    nix::unistd::chdir(new_root).map_err(mount_err(format!("chdir {}", new_root.display())))?;
     mount(
         Some("overlay"),
-        &merged,
+        "merged",
         Some("overlay"),
         MsFlags::MS_NODEV,
-        Some(options.as_str()),
+        Some("lowerdir=lower,upperdir=layer/upper,workdir=layer/work,userxattr"),
     )
-    .map_err(mount_err("mounting the ephemeral overlay".into()))?;
+    .map_err(|errno| {
+        let source: std::io::Error = errno.into();
+        let upper = if layer.is_some() {
+            "the machine's layer directory (idmapped)"
+        } else {
+            "a tmpfs"
+        };
+        RuntimeError::Setup {
+            step: "mounting the overlay root".into(),
+            message: format!(
+                "overlayfs refused an idmapped lower layer with {upper} as upper layer in the \
+                 machine's user namespace ({source}); this needs Linux >= 5.19 (idmapped \
+                 layers), >= 6.6 for a tmpfs upper layer (user xattrs), and a layer file \
+                 system with user xattrs; see the kernel log (dmesg) for overlayfs' reason"
+            ),
+        }
+    })?;
     // Stack the merged tree on new_root itself so pivot_root finds it there.
     mount(
-        Some(&merged),
+        Some("merged"),
         new_root,
         None::<&str>,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(mount_err("placing the ephemeral root".into()))
+    .map_err(mount_err("placing the overlay root".into()))
 }
 
 /// Opens `path` inside `root` (symlinks resolved as if `root` were `/`),

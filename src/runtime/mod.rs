@@ -36,6 +36,10 @@ pub struct MachinePlan {
     /// Private networking; None for `mode = "none"` (only `lo`).
     #[serde(default)]
     pub network: Option<NetworkPlan>,
+    /// For a machine made from an image: `<storage-dir>/machines/<name>`,
+    /// its writable layer (`upper/`, `work/`), used unless it is ephemeral.
+    #[serde(default)]
+    pub layer: Option<PathBuf>,
 }
 
 impl MachinePlan {

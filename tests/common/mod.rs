@@ -285,6 +285,10 @@ impl Harness {
         self.dir.path().join("config")
     }
 
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("rmachined.log")).unwrap_or_default()
     }

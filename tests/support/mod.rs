@@ -127,6 +127,7 @@ impl TestMachine {
             )
             .expect("network plan"),
             definition: def,
+            layer: None,
         };
         let launched =
             runtime::supervisor::launch(helper_binary(), &plan).expect("launch supervisor");
