@@ -10,4 +10,7 @@ wait_state debian running 200
 show rmachinectl list
 show rmachinectl status bb
 # Private networking: the busybox machine has host0 with an address.
-show rmachinectl shell bb -- ip -4 addr show host0 | grep -q 'inet ' || fail "bb has no address on host0"
+echo "\$ rmachinectl shell bb -- ip -4 addr show host0"
+addr=$(rmachinectl shell bb -- ip -4 addr show host0 2>&1 || true)
+echo "$addr"
+echo "$addr" | grep -q 'inet ' || fail "bb has no address on host0"
