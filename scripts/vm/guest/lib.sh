@@ -28,6 +28,10 @@ wait_state() {
 	local deadline=$(($(date +%s) + $3))
 	command -v rmachinectl >/dev/null || fail "rmachinectl is not installed"
 	while [ "$(state_of "$1")" != "$2" ]; do
+		if [ "$(state_of "$1")" = failed ] && [ "$2" != failed ]; then
+			show rmachinectl status "$1" || true
+			fail "$1 failed while waiting for it to be $2"
+		fi
 		if systemctl is-failed --quiet rmachined.service; then
 			show systemctl status rmachined.service || true
 			fail "rmachined.service failed while waiting for $1 to be $2"
