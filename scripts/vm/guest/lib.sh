@@ -48,7 +48,7 @@ wait_state() {
 # Mounts in the mount namespace of process $1 at or below the machine roots
 # or rmachines' runtime directory, one per line; nothing when clean.
 machine_mounts() {
-	findmnt --task "$1" -rn -o TARGET | grep -E '^/var/lib/machines(/|$)|^/run/rmachines(/|$)' || true
+	findmnt --task "$1" -rn -o TARGET | grep -E '^/var/lib/machines(/|$)|^/run/rmachines/machines(/|$)' || true
 }
 
 # In the host's mount namespace (PID 1's) and in rmachined's own (the unit's
@@ -56,7 +56,7 @@ machine_mounts() {
 assert_no_machine_mounts() {
 	local left daemon
 	left=$(machine_mounts 1)
-	echo "\$ findmnt --task 1 (targets under /var/lib/machines, /run/rmachines) after $1:"
+	echo "\$ findmnt --task 1 (targets under /var/lib/machines, /run/rmachines/machines) after $1:"
 	echo "${left:-(none)}"
 	[ -z "$left" ] || fail "mounts of machines are visible in the host's mount namespace after $1"
 	daemon=$(systemctl show -P MainPID rmachined.service)
