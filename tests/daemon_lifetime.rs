@@ -7,7 +7,6 @@
 mod common;
 mod support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{write_definition, Harness};

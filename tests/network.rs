@@ -964,14 +964,12 @@ fn host_cmd(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The host's IPv6 routes, but those of machine veths (other tests' come
-/// and go).
-fn host_routes() -> String {
-    host_cmd(&["ip", "-6", "route", "show"])
-        .lines()
-        .filter(|l| !l.contains(" dev ve-"))
-        .map(|l| format!("{l}\n"))
-        .collect()
+/// The host's IPv6 routes on the bridge, and its default routes (other
+/// tests' veths and client namespaces come and go).
+fn host_routes(bridge: &str) -> String {
+    let mut routes = host_cmd(&["ip", "-6", "route", "show", "dev", bridge]);
+    routes.push_str(&host_cmd(&["ip", "-6", "route", "show", "default"]));
+    routes
 }
 
 /// The IPv6 addresses on a host link.
@@ -1060,7 +1058,7 @@ fn forged_frames_change_no_one_view_of_the_network() {
     for m in [&attacker, &victim] {
         m.sh(&format!("ping -c 1 -W 3 {gw4} && ping6 -c 1 -W 3 {gw6}"));
     }
-    let host_routes_before = host_routes();
+    let host_routes_before = host_routes(&bridge);
     let host_addrs_before = bridge_addresses(&bridge);
     let mtu_before = sysctl(&format!("/proc/sys/net/ipv6/conf/{bridge}/mtu"));
     // Linux takes a new link-layer address for an entry only after it has
@@ -1117,7 +1115,7 @@ fn forged_frames_change_no_one_view_of_the_network() {
     assert!(!fdb.contains(&mac_text(b_mac)), "{fdb}");
     // No route, address or MTU from the advertisement, on the host or the
     // victim.
-    assert_eq!(host_routes(), host_routes_before);
+    assert_eq!(host_routes(&bridge), host_routes_before);
     assert_eq!(bridge_addresses(&bridge), host_addrs_before);
     assert_eq!(
         sysctl(&format!("/proc/sys/net/ipv6/conf/{bridge}/mtu")),

@@ -40,8 +40,16 @@ fn newest_deb() -> Option<PathBuf> {
 /// there is none or anything it is made from changed since.
 fn fresh_deb() -> PathBuf {
     let inputs = [
-        "src", "Cargo.toml", "Cargo.lock", "units", "dbus", "polkit", "config", "packaging",
-        "man", "examples",
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+        "units",
+        "dbus",
+        "polkit",
+        "config",
+        "packaging",
+        "man",
+        "examples",
     ];
     let sources = inputs
         .iter()

@@ -473,6 +473,8 @@ fn apply(
     };
     // A table changed behind our back makes the element change fail; the
     // rebuild below repairs it.
+    let attempted = incremental.is_some();
+    let known = state.shape.is_some();
     let done = incremental.is_some_and(|commands| match nft(machine, &commands) {
         Ok(()) => true,
         Err(err) => {
@@ -485,7 +487,31 @@ fn apply(
         if members.is_empty() {
             delete_table(machine, table)?;
         } else {
-            nft(machine, &ruleset(table, &members, &shape))?;
+            // The bridge table does not depend on the shape: when one
+            // machine joining or leaving changed it (published ports), the
+            // inet table is rebuilt and the bridge table only gets that
+            // machine's chain added or deleted, whatever the number of
+            // machines. Anything else (or a failure) rebuilds both.
+            let partial = match change {
+                Change::Joined(plan) | Change::Left(plan) if known && !attempted => {
+                    let joined = matches!(change, Change::Joined(_));
+                    let bridge = BridgePart::Member(plan, joined);
+                    match nft(machine, &ruleset(table, &members, &shape, bridge)) {
+                        Ok(()) => true,
+                        Err(err) => {
+                            tracing::debug!(%err, "rebuilding the inet table failed; rebuilding both");
+                            false
+                        }
+                    }
+                }
+                _ => false,
+            };
+            if !partial {
+                nft(
+                    machine,
+                    &ruleset(table, &members, &shape, BridgePart::Whole),
+                )?;
+            }
             state.shape = Some(shape);
         }
     }
@@ -598,9 +624,18 @@ fn loopback4() -> Value {
     json!({"prefix": {"addr": "127.0.0.0", "len": 8}})
 }
 
+/// What a rebuild of the inet table does to the bridge table.
+#[derive(Clone, Copy)]
+enum BridgePart<'a> {
+    /// Rebuild it too, with every member's chain.
+    Whole,
+    /// Add (true) or delete that one machine's chain and elements.
+    Member(&'a NetworkPlan, bool),
+}
+
 /// The whole table as one nft JSON transaction: create-then-delete-then-
 /// create makes it atomic and idempotent whether or not the table existed.
-fn ruleset(table: &str, members: &[&NetworkPlan], shape: &Shape) -> Value {
+fn ruleset(table: &str, members: &[&NetworkPlan], shape: &Shape, bridge: BridgePart<'_>) -> Value {
     let mut cmds = vec![
         json!({"add": {"table": {"family": "inet", "name": table}}}),
         json!({"delete": {"table": {"family": "inet", "name": table}}}),
@@ -743,7 +778,15 @@ fn ruleset(table: &str, members: &[&NetworkPlan], shape: &Shape) -> Value {
         }
     }
     cmds.extend(guard::inet_policy(table));
-    cmds.extend(guard::bridge_table(table, members));
+    for plan in members {
+        cmds.extend(guard::inet_member_commands(table, plan, true));
+    }
+    match bridge {
+        BridgePart::Whole => cmds.extend(guard::bridge_table(table, members)),
+        BridgePart::Member(plan, add) => {
+            cmds.extend(guard::bridge_member_commands(table, plan, add))
+        }
+    }
     json!({"nftables": cmds})
 }
 

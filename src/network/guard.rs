@@ -254,14 +254,38 @@ const INET_SETS: [(&str, &str); 8] = [
 /// Commands that add (or delete) one machine's chain, map element and set
 /// elements in both tables.
 pub(crate) fn member_commands(table: &str, plan: &NetworkPlan, add: bool) -> Vec<Value> {
-    let verb = if add { "add" } else { "delete" };
-    let command = |object: &str, body: Value| {
-        let mut inner = serde_json::Map::new();
-        inner.insert(object.to_owned(), body);
-        let mut outer = serde_json::Map::new();
-        outer.insert(verb.to_owned(), Value::Object(inner));
-        Value::Object(outer)
-    };
+    let mut cmds = bridge_member_commands(table, plan, add);
+    cmds.extend(inet_member_commands(table, plan, add));
+    cmds
+}
+
+/// `{"add": {"element": ...}}` or `{"delete": ...}`.
+fn element_command(add: bool, body: Value) -> Value {
+    let mut inner = serde_json::Map::new();
+    inner.insert("element".to_owned(), body);
+    let mut outer = serde_json::Map::new();
+    outer.insert(
+        (if add { "add" } else { "delete" }).to_owned(),
+        Value::Object(inner),
+    );
+    Value::Object(outer)
+}
+
+/// The machine's set elements in the inet table.
+pub(crate) fn inet_member_commands(table: &str, plan: &NetworkPlan, add: bool) -> Vec<Value> {
+    inet_elements(plan)
+        .into_iter()
+        .map(|(name, elem)| {
+            element_command(
+                add,
+                json!({"family": "inet", "table": table, "name": name, "elem": [elem]}),
+            )
+        })
+        .collect()
+}
+
+/// The machine's chain and elements in the bridge table.
+pub(crate) fn bridge_member_commands(table: &str, plan: &NetworkPlan, add: bool) -> Vec<Value> {
     let chain = machine_chain(plan);
     let mut cmds = Vec::new();
     if add {
@@ -272,21 +296,21 @@ pub(crate) fn member_commands(table: &str, plan: &NetworkPlan, add: bool) -> Vec
                 "family": "bridge", "table": table, "chain": chain, "expr": expr,
             }}}));
         }
-        cmds.push(command(
-            "element",
+        cmds.push(element_command(
+            add,
             json!({"family": "bridge", "table": table, "name": "ports",
                    "elem": [[plan.host_veth, {"goto": {"target": chain}}]]}),
         ));
     } else {
-        cmds.push(command(
-            "element",
+        cmds.push(element_command(
+            add,
             json!({"family": "bridge", "table": table, "name": "ports",
                    "elem": [plan.host_veth]}),
         ));
     }
     if plan.is_isolated() {
-        cmds.push(command(
-            "element",
+        cmds.push(element_command(
+            add,
             json!({"family": "bridge", "table": table, "name": "isolated",
                    "elem": [plan.host_veth]}),
         ));
@@ -296,12 +320,6 @@ pub(crate) fn member_commands(table: &str, plan: &NetworkPlan, add: bool) -> Vec
         cmds.push(
             json!({"delete": {"chain": {"family": "bridge", "table": table, "name": chain}}}),
         );
-    }
-    for (name, elem) in inet_elements(plan) {
-        cmds.push(command(
-            "element",
-            json!({"family": "inet", "table": table, "name": name, "elem": [elem]}),
-        ));
     }
     cmds
 }
@@ -353,14 +371,14 @@ pub(crate) fn bridge_table(table: &str, members: &[&NetworkPlan]) -> Vec<Value> 
         ]),
     ));
     for plan in members {
-        cmds.extend(member_commands(table, plan, true));
+        cmds.extend(bridge_member_commands(table, plan, true));
     }
     cmds
 }
 
 /// The sets and filter chains of the inet table (created by the caller in
 /// the same transaction). Members' elements are added by
-/// [`member_commands`], which the caller runs after this.
+/// [`inet_member_commands`], which the caller runs after this.
 pub(crate) fn inet_policy(table: &str) -> Vec<Value> {
     let mut cmds = Vec::new();
     for (name, kind) in INET_SETS {

@@ -50,4 +50,4 @@ tail -n 5 "$kept/bb/console.log"
 grep -q rmachines-busybox-shutdown "$kept/bb/console.log" || fail "busybox init did not run its shutdown actions"
 echo "--- debian: console (end)"
 tr -d '\r' <"$kept/debian/console.log" | tail -n 8
-grep -Eq 'System Power Off|Power-Off' "$kept/debian/console.log" || fail "the Debian guest did not power off by itself"
+grep -Eq 'System Power Off|Power-Off|Halting system|System Halt' "$kept/debian/console.log" || fail "the Debian guest did not shut down by itself"
