@@ -29,6 +29,11 @@ use crate::definition::Reach;
 /// Base chains of the bridge table; `prio` -300 runs before anything else
 /// a bridge family table may hold.
 const PRIO_FIRST: i32 = -300;
+/// Protocol numbers, not names: nft resolves `icmp` and `ipv6-icmp` through
+/// /etc/protocols, which a minimal host (Debian without netbase) lacks, and
+/// then rejects the whole ruleset (found by the VM stage, scripts/vm).
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 
 fn matches(left: Value, right: Value) -> Value {
     json!({"match": {"op": "==", "left": left, "right": right}})
@@ -180,7 +185,7 @@ fn machine_rules(plan: &NetworkPlan) -> Vec<Vec<Value>> {
         let unspecified = matches(payload("ip6", "saddr"), json!("::"));
         rules.push(drop_if(vec![
             unspecified.clone(),
-            not_matches(meta("l4proto"), json!("ipv6-icmp")),
+            not_matches(meta("l4proto"), json!(IPPROTO_ICMPV6)),
         ]));
         rules.push(drop_if(vec![
             unspecified,
@@ -410,14 +415,14 @@ pub(crate) fn inet_policy(table: &str) -> Vec<Value> {
         "input",
         drop_if(vec![
             matches(payload("ip", "saddr"), json!("@restricted4")),
-            not_matches(meta("l4proto"), json!("icmp")),
+            not_matches(meta("l4proto"), json!(IPPROTO_ICMP)),
         ]),
     ));
     cmds.push(rule(
         "input",
         drop_if(vec![
             matches(payload("ip6", "saddr"), json!("@restricted6")),
-            not_matches(meta("l4proto"), json!("ipv6-icmp")),
+            not_matches(meta("l4proto"), json!(IPPROTO_ICMPV6)),
         ]),
     ));
     // Through the host: answers pass; a closed machine opens nothing; a

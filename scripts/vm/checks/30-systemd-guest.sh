@@ -9,6 +9,12 @@ state=$(rmachinectl shell debian -- systemctl is-system-running --wait 2>&1 | tr
 echo "\$ rmachinectl shell debian -- systemctl is-system-running --wait"
 echo "$state"
 show rmachinectl shell debian -- systemctl list-units --failed --no-legend --plain || true
+if [ "$state" != running ]; then
+	# The evidence: why each failed unit failed.
+	for unit in $(rmachinectl shell debian -- systemctl list-units --failed --no-legend --plain | tr -d '\r' | awk '{ print $1 }'); do
+		show rmachinectl shell debian -- systemctl status --no-pager -l -n 20 "$unit" || true
+	done
+fi
 [ "$state" = running ] || fail "the Debian guest is '$state', not running"
 failed=$(rmachinectl shell debian -- systemctl list-units --failed --no-legend --plain | tr -d '\r' | grep -c . || true)
 [ "$failed" = 0 ] || fail "$failed failed units in the Debian guest"
