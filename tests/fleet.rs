@@ -119,9 +119,9 @@ impl Fleet {
         // this process and of concurrent runs of this file.
         static FLEETS: AtomicUsize = AtomicUsize::new(0);
         let fleet_id = FLEETS.fetch_add(1, Ordering::Relaxed);
-        assert!(fleet_id < 4, "at most 4 fleets per test process");
+        assert!(fleet_id < 8, "at most 8 fleets per test process");
         assert!(count <= 4, "at most 4 hosts per fleet");
-        let base = std::process::id() as usize % 14 * 16 + fleet_id * 4;
+        let base = std::process::id() as usize % 7 * 32 + fleet_id * 4;
         for index in 0..count {
             let tag = format!("{}{fleet_id}{index}", std::process::id() % 10_000);
             let host = fleet.start_host(index, base + index, &tag, &setup);

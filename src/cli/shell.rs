@@ -57,8 +57,8 @@ Limits: at most 8192 arguments, 4096 environment entries, 131071 bytes \
 each, 1 MiB in all (org.rmachines1.TooLarge).
 
 The same without rmachinectl, through D-Bus (busctl passes its own fds \
-0, 1 and 2; the session's end and exit status come as the ShellExited \
-signal):
+0, 1 and 2, from systemd 257 on; the session's end and exit status come \
+as the ShellExited signal):
 
     busctl call org.rmachines1 /org/rmachines1 org.rmachines1.Manager \\
         Execute ssasashhh web \"\" 2 /bin/echo hello 0 0 1 2

@@ -601,11 +601,9 @@ fn child_main(
     sys::set_parent_death_signal(libc::SIGKILL).map_err(RuntimeError::io("setting PDEATHSIG"))?;
     sys::set_non_dumpable().map_err(RuntimeError::io("PR_SET_DUMPABLE"))?;
 
-    // The supervisor blocks the signals it reads from a signalfd; the mask
-    // would survive exec and leave init deaf to them.
-    nix::sys::signal::SigSet::empty()
-        .thread_set_mask()
-        .map_err(|e| RuntimeError::io("unblocking signals")(e.into()))?;
+    // The supervisor blocks the signals it reads from a signalfd and
+    // ignores SIGPIPE; both would survive exec and reach init.
+    sys::reset_signals().map_err(RuntimeError::io("resetting signal dispositions and mask"))?;
     let mnt = receive_mount_namespace(mnt_sock)?;
 
     // Become the guest's root now that the maps exist.

@@ -409,6 +409,10 @@ fn exec_as_user(spec: &EnterSpec, program: &seccompiler::BpfProgram) -> RuntimeE
         if nix::unistd::chdir(Path::new(&user.home)).is_err() {
             nix::unistd::chdir("/").map_err(errno("chdir /"))?;
         }
+        // This helper ignores SIGPIPE (as every Rust program does): the
+        // command starts with the default dispositions, like one run from
+        // a shell, so `yes | head -1` ends.
+        sys::reset_signals().map_err(RuntimeError::io("resetting signal dispositions"))?;
         security::confine(program)?;
         let login_shell = spec.argv.is_empty();
         let argv: Vec<String> = if login_shell {

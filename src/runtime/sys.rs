@@ -345,6 +345,66 @@ pub fn set_non_dumpable() -> io::Result<()> {
     check(ret as libc::c_long).map(|_| ())
 }
 
+/// Gives the process the signal state a freshly started program expects:
+/// every disposition the default and nothing blocked. Our binary starts
+/// with SIGPIPE ignored (Rust's runtime does that) and the supervisor
+/// blocks what it reads from a signalfd; both survive exec, and a guest
+/// command that ignores SIGPIPE spins on EPIPE instead of ending when its
+/// reader goes away (`yes | head -1`).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub fn reset_signals() -> io::Result<()> {
+    // The kernel's struct sigaction (x86-64 and aarch64 layout): the raw
+    // call reaches the real-time signals glibc reserves for itself, which
+    // a parent may have left ignored as well.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: libc::sighandler_t,
+        flags: libc::c_ulong,
+        restorer: libc::c_ulong,
+        mask: u64,
+    }
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction reads one kernel sigaction of the size
+        // passed (8 bytes of mask); SIG_DFL refers to no handler code.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            )
+        };
+    }
+    nix::sys::signal::SigSet::empty()
+        .thread_set_mask()
+        .map_err(io::Error::from)
+}
+
+/// See the x86-64 version; here only the signals glibc lets us reset.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub fn reset_signals() -> io::Result<()> {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: SIG_DFL refers to no handler code; numbers glibc
+            // reserves fail with EINVAL and stay as they are.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+    nix::sys::signal::SigSet::empty()
+        .thread_set_mask()
+        .map_err(io::Error::from)
+}
+
 /// `prctl(PR_SET_PDEATHSIG, sig)`.
 pub fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
     // SAFETY: plain prctl with integer arguments.
