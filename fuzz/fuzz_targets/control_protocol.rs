@@ -37,7 +37,9 @@ fuzz_target!(|data: &[u8]| {
     if data.len() > 60_000 {
         return; // more than a socket buffer: the write would block
     }
-    supervisor.write_all(data).expect("the socket buffer holds the input");
+    supervisor
+        .write_all(data)
+        .expect("the socket buffer holds the input");
     drop(supervisor);
     let mut client = Client::from_stream(client).expect("a client on a socketpair");
     let mut statuses = 0;

@@ -22,7 +22,10 @@ fn check(name: &str, user: &str, command: &[String], environment: &[String]) {
     if fuzzing::dbus_machine_name(name).is_ok() {
         rmachines::definition::validate_name(name).expect("the loader accepts the bus's names");
         let path = rmachines::dbus::machine_path(name);
-        assert!(path.as_str().starts_with("/org/rmachines1/machine/"), "{path}");
+        assert!(
+            path.as_str().starts_with("/org/rmachines1/machine/"),
+            "{path}"
+        );
     }
     match fuzzing::dbus_user_name(user) {
         Ok(()) => assert!(
@@ -72,5 +75,9 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
     }
-    assert!(best <= budget, "{} bytes took {best:?} (budget {budget:?})", data.len());
+    assert!(
+        best <= budget,
+        "{} bytes took {best:?} (budget {budget:?})",
+        data.len()
+    );
 });

@@ -36,8 +36,14 @@ fuzz_target!(|data: &[u8]| {
         "{user:?} from no passwd line"
     );
     for size in [0u32, 1, 1000, 65536, u32::MAX] {
-        let all = [user.uid, user.gid].into_iter().chain(user.groups.iter().copied());
+        let all = [user.uid, user.gid]
+            .into_iter()
+            .chain(user.groups.iter().copied());
         let inside = all.clone().all(|id| id < size);
-        assert_eq!(check_ids(&user, size).is_ok(), inside, "{user:?} size {size}");
+        assert_eq!(
+            check_ids(&user, size).is_ok(),
+            inside,
+            "{user:?} size {size}"
+        );
     }
 });

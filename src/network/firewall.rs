@@ -864,7 +864,9 @@ mod tests {
             prefix: 16,
         });
         let ipv6 = (rng.below(2) == 0).then(|| Ipv6Cidr {
-            addr: std::net::Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0002 + index as u128),
+            addr: std::net::Ipv6Addr::from(
+                0xfd00_0000_0000_0000_0000_0000_0000_0002 + index as u128,
+            ),
             prefix: 64,
         });
         let mut ports: Vec<PortSpec> = Vec::new();
@@ -956,7 +958,9 @@ mod tests {
             let shape = Shape::of(&members);
             let whole = ruleset(table, &members, &shape);
             if let Err(err) = nft_check(&whole) {
-                panic!("seed {seed}: nft --check refused the table: {err}\nplans: {plans:#?}\n{whole}");
+                panic!(
+                    "seed {seed}: nft --check refused the table: {err}\nplans: {plans:#?}\n{whole}"
+                );
             }
             // The incremental join of the last machine to a table built
             // for the others (same shape), in the same transaction.
@@ -970,7 +974,10 @@ mod tests {
                 cmds.extend(more.iter().cloned());
             }
             if let Err(err) = nft_check(&joined) {
-                panic!("seed {seed}: nft --check refused the join of {}: {err}\n{joined}", last.machine);
+                panic!(
+                    "seed {seed}: nft --check refused the join of {}: {err}\n{joined}",
+                    last.machine
+                );
             }
         }
     }
