@@ -933,6 +933,18 @@ mod tests {
         }
     }
 
+    /// The property below can fail: nft --check refuses a rule in a chain
+    /// the transaction never made.
+    #[test]
+    fn nft_check_refuses_a_broken_ruleset() {
+        let broken = json!({"nftables": [
+            {"add": {"table": {"family": "inet", "name": "rmachines-proptest"}}},
+            {"add": {"rule": {"family": "inet", "table": "rmachines-proptest",
+                "chain": "missing", "expr": [{"accept": null}]}}},
+        ]});
+        assert!(nft_check(&broken).is_err());
+    }
+
     /// The property issue 19 asks for: for any valid set of machines and
     /// ports, `nft --check` accepts the table rmachined would write, and
     /// each machine's incremental join and leave. Checks only (nothing is
