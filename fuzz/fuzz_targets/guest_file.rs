@@ -61,7 +61,12 @@ fuzz_target!(|data: &[u8]| {
     match guestfile::read(tree.root.as_fd(), Path::new(path), LIMIT) {
         Ok(read) => {
             assert!(read.len() <= LIMIT);
-            assert!(read != SECRET, "{path:?} read the secret outside the root");
+            // (The fuzzer learns the secret from this very comparison and
+            // may write it into the guest's own file: that is no escape.)
+            assert!(
+                read != SECRET || contents == SECRET,
+                "{path:?} read the secret outside the root"
+            );
             assert!(
                 read == contents || read == b"inside" || read.is_empty(),
                 "{path:?} read something not in the tree: {read:?}"
