@@ -312,7 +312,6 @@ fn parent_setup(
             "writing /proc/{pid}/{file} ({map:?})"
         )))?;
     }
-    let attaching = super::resources::start_attach(plan, pid);
     let open_ns = |name: &str| -> Result<OwnedFd, RuntimeError> {
         File::open(format!("/proc/{pid}/ns/{name}"))
             .map(OwnedFd::from)
@@ -345,6 +344,9 @@ fn parent_setup(
     }
     let mount_setup = start_mount_setup(plan, res, &ns, trees, setup)?;
     step("mount setup started");
+    // Only now, with the mount setup cloned: a clone of a process with a
+    // second thread may inherit a lock that thread held, and hang.
+    let attaching = super::resources::start_attach(plan, pid);
 
     // The mounts are made while the network is wired here; init execs only
     // after RUN, so it never runs before its network is in place.
