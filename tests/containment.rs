@@ -279,8 +279,7 @@ fn the_device_policy_is_enforced_by_the_kernel_on_this_host() {
 fn mount_options(m: &TestMachine, path: &str) -> String {
     let info = m.sh("cat /proc/self/mountinfo");
     info.lines()
-        .filter(|l| l.split_whitespace().nth(4) == Some(path))
-        .last()
+        .rfind(|l| l.split_whitespace().nth(4) == Some(path))
         .and_then(|l| l.split_whitespace().nth(5).map(str::to_owned))
         .unwrap_or_else(|| panic!("no mount at {path} in the guest:\n{info}"))
 }

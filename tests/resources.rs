@@ -515,7 +515,12 @@ async fn systemd_boots_clean_with_and_without_limits() {
 async fn v1_cgroups_of_a_crashed_supervisor_go_at_the_next_start() {
     let root = support::fixture("busybox");
     let mut h = Harness::start_with(|c| {
-        write_definition(c, "crash", &root, &format!("{NO_NET}[resources]\ntasks = 64\n"))
+        write_definition(
+            c,
+            "crash",
+            &root,
+            &format!("{NO_NET}[resources]\ntasks = 64\n"),
+        )
     });
     start(&h, "crash");
     let dirs = v1_dirs(&h, "crash");

@@ -1011,7 +1011,7 @@ mod tests {
                 .collect();
             let members: Vec<&NetworkPlan> = plans.iter().collect();
             let shape = Shape::of(&members);
-            let whole = ruleset(table, &members, &shape);
+            let whole = ruleset(table, &members, &shape, BridgePart::Whole);
             if let Err(err) = nft_check(&whole) {
                 panic!(
                     "seed {seed}: nft --check refused the table: {err}\nplans: {plans:#?}\n{whole}"
@@ -1020,7 +1020,7 @@ mod tests {
             // The incremental join of the last machine to a table built
             // for the others (same shape), in the same transaction.
             let (last, others) = members.split_last().expect("at least one machine");
-            let mut joined = ruleset(table, others, &shape);
+            let mut joined = ruleset(table, others, &shape, BridgePart::Whole);
             let join = member_change(table, last, true);
             if let (Some(cmds), Some(more)) = (
                 joined["nftables"].as_array_mut(),

@@ -275,9 +275,6 @@ struct Setup<'a> {
     sock: OwnedFd,
 }
 
-/// The parent's half: id maps, idmapped trees, the mount setup process,
-/// the network, then RUN and wait for exec.
-
 /// The error message a failed child left on the setup socket, if any.
 fn child_error(sock: BorrowedFd<'_>) -> Option<RuntimeError> {
     let mut buf = vec![0u8; 4096];
@@ -289,7 +286,8 @@ fn child_error(sock: BorrowedFd<'_>) -> Option<RuntimeError> {
     }
 }
 
-/// The parent's half: id maps, idmapped mounts, then wait for exec.
+/// The parent's half: id maps, idmapped trees, the mount setup process,
+/// the network, then RUN and wait for exec.
 fn parent_setup(
     plan: &MachinePlan,
     res: &BootResources<'_>,
@@ -691,7 +689,6 @@ fn receive_mount_namespace(sock: BorrowedFd<'_>) -> Result<OwnedFd, RuntimeError
         }
     }
     let len = msg.bytes;
-    drop(iov);
     match (fds.pop(), len) {
         (Some(fd), _) => Ok(fd),
         (None, 0) => Err(RuntimeError::Child(
