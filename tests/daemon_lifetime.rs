@@ -219,6 +219,7 @@ fn a_held_supervisor_boots_below_the_scope_it_was_moved_into() {
     let state = tempfile::tempdir().unwrap();
     let def = support::definition("held", &support::fixture("busybox"));
     let mut plan = runtime::MachinePlan {
+        layer: None,
         ids: runtime::idrange::IdRange {
             base: 0x4000_0000 + 4099 * 65536,
             size: 65536,
@@ -289,6 +290,7 @@ fn an_unreleased_supervisor_exits_without_booting() {
     support::require_root();
     let state = tempfile::tempdir().unwrap();
     let plan = runtime::MachinePlan {
+        layer: None,
         ids: runtime::idrange::IdRange {
             base: 0x4000_0000 + 4098 * 65536,
             size: 65536,

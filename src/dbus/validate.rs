@@ -7,8 +7,13 @@ use super::error::Error;
 const ECHO_LIMIT: usize = 64;
 
 /// The SPEC's rule for names, shared with the definition loader.
+/// The reason leaves the name out ("it ..."): the caller echoes it bounded,
+/// and a name of any length or any escapes must not make the sentence long.
 fn check_machine_name(name: &str) -> Result<(), String> {
-    crate::definition::validate_name(name).map_err(|err| err.to_string())
+    crate::definition::validate_name(name).map_err(|err| {
+        err.to_string()
+            .replacen(&format!("the machine name {name:?} "), "it ", 1)
+    })
 }
 
 /// Rejects anything that is not a valid machine name with `InvalidArgument`.
@@ -137,6 +142,29 @@ fn echo(input: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the dbus_args fuzz target: the reason repeated the whole
+    /// name, Debug-escaped (a control character grows tenfold), after the
+    /// bounded echo.
+    #[test]
+    fn a_bad_name_is_echoed_once_and_bounded() {
+        let name = format!("{}/{}", "\u{1}".repeat(100), "x".repeat(100_000));
+        let Err(Error::InvalidArgument(message)) = machine_name(&name) else {
+            panic!("accepted");
+        };
+        assert!(message.len() < 1024, "{} bytes: {message}", message.len());
+        assert!(
+            message.ends_with("it contains \"/\"; a name is not a path"),
+            "{message}"
+        );
+        let Err(Error::InvalidArgument(message)) = machine_name("Web") else {
+            panic!("accepted");
+        };
+        assert_eq!(
+            message,
+            "invalid machine name \"Web\": it must start with a lowercase letter or a digit"
+        );
+    }
 
     #[test]
     fn machine_names() {

@@ -275,9 +275,6 @@ struct Setup<'a> {
     sock: OwnedFd,
 }
 
-// The parent's half: id maps, idmapped trees, the mount setup process,
-// the network, then RUN and wait for exec.
-
 /// The error message a failed child left on the setup socket, if any.
 fn child_error(sock: BorrowedFd<'_>) -> Option<RuntimeError> {
     let mut buf = vec![0u8; 4096];
@@ -289,7 +286,8 @@ fn child_error(sock: BorrowedFd<'_>) -> Option<RuntimeError> {
     }
 }
 
-/// The parent's half: id maps, idmapped mounts, then wait for exec.
+/// The parent's half: id maps, idmapped trees, the mount setup process,
+/// the network, then RUN and wait for exec.
 fn parent_setup(
     plan: &MachinePlan,
     res: &BootResources<'_>,
@@ -312,7 +310,6 @@ fn parent_setup(
             "writing /proc/{pid}/{file} ({map:?})"
         )))?;
     }
-    let attaching = super::resources::start_attach(plan, pid);
     let open_ns = |name: &str| -> Result<OwnedFd, RuntimeError> {
         File::open(format!("/proc/{pid}/ns/{name}"))
             .map(OwnedFd::from)
@@ -345,6 +342,9 @@ fn parent_setup(
     }
     let mount_setup = start_mount_setup(plan, res, &ns, trees, setup)?;
     step("mount setup started");
+    // Only now, with the mount setup cloned: a clone of a process with a
+    // second thread may inherit a lock that thread held, and hang.
+    let attaching = super::resources::start_attach(plan, pid);
 
     // The mounts are made while the network is wired here; init execs only
     // after RUN, so it never runs before its network is in place.

@@ -76,8 +76,15 @@ fn read_guest_file(leader: i32, path: &str) -> Result<String, EnterError> {
 
 /// Looks `user` (a name or a numeric uid; empty: root) up in the guest.
 pub fn resolve_user(leader: i32, user: &str) -> Result<GuestUser, EnterError> {
-    let user = if user.is_empty() { "root" } else { user };
     let passwd = read_guest_file(leader, "/etc/passwd")?;
+    let group = read_guest_file(leader, "/etc/group").unwrap_or_default();
+    parse_user(&passwd, &group, user)
+}
+
+/// Looks `user` (a name or a numeric uid; empty: root) up in the text of a
+/// guest's /etc/passwd and /etc/group (both the guest's to write).
+pub fn parse_user(passwd: &str, group: &str, user: &str) -> Result<GuestUser, EnterError> {
+    let user = if user.is_empty() { "root" } else { user };
     let entry = passwd
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
@@ -89,8 +96,7 @@ pub fn resolve_user(leader: i32, user: &str) -> Result<GuestUser, EnterError> {
         _ => return Err(EnterError::NoSuchUser(user.to_owned())),
     };
     let name = entry[0].to_owned();
-    let groups = read_guest_file(leader, "/etc/group")
-        .unwrap_or_default()
+    let groups = group
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .filter(|f| f.len() >= 4 && f[3].split(',').any(|m| m == name))

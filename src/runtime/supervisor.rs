@@ -740,17 +740,8 @@ impl Supervisor {
                 tracing::debug!(sender, "ignoring notify message not from init");
                 continue;
             }
-            let text = String::from_utf8_lossy(&iov_bytes(buf, len)).into_owned();
-            for line in text.lines() {
-                match line {
-                    "READY=1" if self.status.state == MachineState::Starting => {
-                        self.set_status(MachineState::Running, leader as u32, String::new());
-                    }
-                    "STOPPING=1" if self.status.state != MachineState::Stopping => {
-                        self.set_status(MachineState::Stopping, leader as u32, String::new());
-                    }
-                    _ => {}
-                }
+            for next in notify_transitions(self.status.state, &iov_bytes(buf, len)) {
+                self.set_status(next, leader as u32, String::new());
             }
         }
     }
@@ -819,6 +810,25 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// The states a notify message from init moves a machine in `state`
+/// through, in order: `READY=1` makes a starting machine running,
+/// `STOPPING=1` makes any machine not already stopping stopping; every
+/// other line (and invalid UTF-8) is ignored. The message is the guest's.
+pub fn notify_transitions(mut state: MachineState, message: &[u8]) -> Vec<MachineState> {
+    let text = String::from_utf8_lossy(message);
+    let mut states = Vec::new();
+    for line in text.lines() {
+        let next = match line {
+            "READY=1" if state == MachineState::Starting => MachineState::Running,
+            "STOPPING=1" if state != MachineState::Stopping => MachineState::Stopping,
+            _ => continue,
+        };
+        state = next;
+        states.push(next);
+    }
+    states
 }
 
 fn iov_bytes(buf: &[u8], len: usize) -> Vec<u8> {
