@@ -569,11 +569,9 @@ fn mount_setup_main(
     // namespace: the kernel locks every mount in the copy.
     sys::setns(ns.user.as_fd(), libc::CLONE_NEWUSER)
         .map_err(RuntimeError::io("joining the machine's user namespace"))?;
-    nix::unistd::setgroups(&[]).map_err(|e| RuntimeError::io("setgroups([])")(e.into()))?;
-    nix::unistd::setresgid(0.into(), 0.into(), 0.into())
-        .map_err(|e| RuntimeError::io("setresgid(0)")(e.into()))?;
-    nix::unistd::setresuid(0.into(), 0.into(), 0.into())
-        .map_err(|e| RuntimeError::io("setresuid(0)")(e.into()))?;
+    sys::switch_ids(0, 0, &[]).map_err(RuntimeError::io(
+        "becoming the guest's root (setgroups, setresgid, setresuid)",
+    ))?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| RuntimeError::io("unsharing the locked mount namespace")(e.into()))?;
     let mnt = File::open("/proc/self/ns/mnt")
@@ -607,11 +605,9 @@ fn child_main(
     let mnt = receive_mount_namespace(mnt_sock)?;
 
     // Become the guest's root now that the maps exist.
-    nix::unistd::setgroups(&[]).map_err(|e| RuntimeError::io("setgroups([])")(e.into()))?;
-    nix::unistd::setresgid(0.into(), 0.into(), 0.into())
-        .map_err(|e| RuntimeError::io("setresgid(0)")(e.into()))?;
-    nix::unistd::setresuid(0.into(), 0.into(), 0.into())
-        .map_err(|e| RuntimeError::io("setresuid(0)")(e.into()))?;
+    sys::switch_ids(0, 0, &[]).map_err(RuntimeError::io(
+        "becoming the guest's root (setgroups, setresgid, setresuid)",
+    ))?;
     // The credential change cleared both.
     sys::set_parent_death_signal(libc::SIGKILL).map_err(RuntimeError::io("setting PDEATHSIG"))?;
     sys::set_non_dumpable().map_err(RuntimeError::io("PR_SET_DUMPABLE"))?;
@@ -730,10 +726,9 @@ fn become_user(user: Option<(u32, u32)>) -> Result<(), RuntimeError> {
     let Some((uid, gid)) = user else {
         return Ok(());
     };
-    nix::unistd::setresgid(gid.into(), gid.into(), gid.into())
-        .map_err(mount_err(format!("setresgid({gid})")))?;
-    nix::unistd::setresuid(uid.into(), uid.into(), uid.into())
-        .map_err(mount_err(format!("setresuid({uid})")))
+    sys::switch_ids(uid, gid, &[]).map_err(RuntimeError::io(format!(
+        "becoming the image's user {uid}:{gid} (setgroups, setresgid, setresuid)"
+    )))
 }
 
 /// The supervisor wires the network while the child mounts; init runs

@@ -545,6 +545,24 @@ pub fn setns(ns: BorrowedFd<'_>, nstype: libc::c_int) -> io::Result<()> {
     check(ret as libc::c_long).map(|_| ())
 }
 
+/// Becomes `uid`/`gid` with `groups`, for the calling thread only, by the
+/// raw system calls. glibc's wrappers change every thread of the process
+/// (POSIX), signalling each one in its thread list and waiting for it; in
+/// a child cloned from a multi-threaded parent that list still names the
+/// parent's threads, which never answer, and the child hangs for ever.
+/// Our clone children are single-threaded, so the raw calls are exact.
+/// It allocates nothing, so a child of a multi-threaded parent may call it.
+pub fn switch_ids(uid: u32, gid: u32, groups: &[libc::gid_t]) -> io::Result<()> {
+    // SAFETY: setgroups reads `groups.len()` gids from the pointer, which
+    // points at that many (and is unused when the length is 0).
+    check(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) })?;
+    // SAFETY: plain system calls with integer arguments.
+    check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) })?;
+    Ok(())
+}
+
 /// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`: a new anonymous session
 /// keyring of the calling process's own, instead of the inherited one.
 pub fn join_new_session_keyring() -> io::Result<()> {
@@ -558,4 +576,68 @@ pub fn join_new_session_keyring() -> io::Result<()> {
         )
     };
     check(ret).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Children forked by a raw clone while another thread of the parent
+    /// is starting threads (as the supervisor may be, starting its cgroup
+    /// attach thread) change their ids and go on. glibc's setgroups waits
+    /// for every thread it knows to have started: in such a child, one
+    /// caught half-created in the parent never does, and the child hung.
+    #[test]
+    fn switch_ids_returns_in_a_raw_clone_of_a_threaded_parent() {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::{Duration, Instant};
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test runs as root (setgroups needs CAP_SETGID)"
+        );
+        static STOP: AtomicBool = AtomicBool::new(false);
+        let spawner = std::thread::spawn(|| {
+            while !STOP.load(Ordering::Relaxed) {
+                let _ = std::thread::spawn(|| {}).join();
+            }
+        });
+        let mut children = Vec::new();
+        for _ in 0..300 {
+            // SAFETY: a raw fork (no glibc fork handlers): the child only
+            // makes system calls and leaves with _exit, touching no lock.
+            let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+            if pid == 0 {
+                let code = i32::from(switch_ids(0, 0, &[0]).is_err());
+                // SAFETY: leave the child without the parent's handlers.
+                unsafe { libc::_exit(code) }
+            }
+            assert!(pid > 0, "clone: {}", io::Error::last_os_error());
+            children.push(nix::unistd::Pid::from_raw(pid as libc::pid_t));
+        }
+        STOP.store(true, Ordering::Relaxed);
+        let _ = spawner.join();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut hung = 0;
+        for pid in children {
+            let status = loop {
+                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Ok(WaitStatus::StillAlive) => {
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                        let _ = waitpid(pid, None);
+                        hung += 1;
+                        break Ok(WaitStatus::StillAlive);
+                    }
+                    other => break other,
+                }
+            };
+            if status != Ok(WaitStatus::StillAlive) {
+                assert_eq!(status, Ok(WaitStatus::Exited(pid, 0)));
+            }
+        }
+        assert_eq!(hung, 0, "children hung changing their ids");
+    }
 }
