@@ -227,7 +227,6 @@ fn a_held_supervisor_boots_below_the_scope_it_was_moved_into() {
         machine_dir: runtime::machine_dir(state.path(), "held"),
         cgroup: cgroup::machine_cgroup_path("test-held-unused").unwrap(),
         network: None,
-        layer: None,
         definition: def,
     };
     let scope = cgroup::cgroup2_mount()
@@ -298,7 +297,6 @@ fn an_unreleased_supervisor_exits_without_booting() {
         machine_dir: runtime::machine_dir(state.path(), "unreleased"),
         cgroup: cgroup::machine_cgroup_path("test-unreleased").unwrap(),
         network: None,
-        layer: None,
         definition: support::definition("unreleased", &support::fixture("busybox")),
     };
     let mut launched = supervisor::launch_held(support::helper_binary(), &plan).unwrap();

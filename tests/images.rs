@@ -729,26 +729,14 @@ fn boot_problems(h: &Harness, machine: &str) -> (String, String) {
     (eio, format!("{state}: {failed}"))
 }
 
-/// A writable copy of the Debian fixture (the fixture itself stays
-/// untouched), to boot as a plain `root`.
-pub fn plain_debian_copy() -> PathBuf {
-    let debian = support::fixture("debian");
-    let dir = Path::new("/var/tmp/rmachines-images");
-    let copy = dir.join("debian-plain");
-    let _ = std::fs::remove_dir_all(&copy);
-    std::fs::create_dir_all(dir).unwrap();
-    shell_sh(&format!("cp -a {} {}", debian.display(), copy.display()));
-    copy
-}
-
 const NO_NET: &str = "[network]\nmode = \"none\"\n";
 
 #[test]
 fn debian_image_and_ephemeral_roots_boot_as_cleanly_as_a_plain_root() {
     let debian = support::fixture("debian");
-    let plain = plain_debian_copy();
+    let plain = support::FixtureCopy::new("debian", "deb-plain");
     let h = Harness::start_with(|c| {
-        common::write_definition(c, "deb-plain", &plain, NO_NET);
+        common::write_definition(c, "deb-plain", &plain.path, NO_NET);
         common::write_definition(
             c,
             "deb-eph-root",
@@ -817,5 +805,4 @@ fn debian_image_and_ephemeral_roots_boot_as_cleanly_as_a_plain_root() {
         ),
         "stop",
     );
-    let _ = std::fs::remove_dir_all(&plain);
 }

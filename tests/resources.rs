@@ -454,8 +454,16 @@ async fn an_io_weight_the_host_cannot_apply_fails_the_start_naming_the_key() {
 /// The units that failed in a Debian guest booted with `resources`.
 fn failed_units_of_a_debian_boot(resources: &str) -> (String, String) {
     let root = support::fixture("debian");
-    let h =
-        Harness::start_with(|c| write_definition(c, "deb", &root, &format!("{NO_NET}{resources}")));
+    // Ephemeral: the guest's first boot writes its machine id, never to
+    // the shared fixture.
+    let h = Harness::start_with(|c| {
+        write_definition(
+            c,
+            "deb",
+            &root,
+            &format!("ephemeral = true\n{NO_NET}{resources}"),
+        )
+    });
     start(&h, "deb");
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {

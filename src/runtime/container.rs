@@ -40,6 +40,8 @@ pub struct BootResources<'a> {
     pub console_slave: &'a Path,
     /// Directory bind-mounted read-only at /run/host.
     pub host_dir: &'a Path,
+    /// What kind of init the root holds.
+    pub init: InitKind,
 }
 
 /// Device nodes the guest gets, bind-mounted from the host.
@@ -560,7 +562,7 @@ fn mount_setup_main(
     mount_sys(root)?;
     mount_dev(root, res.console_slave, &plan.definition.devices)?;
     mount_run(root, res.host_dir)?;
-    set_machine_id(plan, root)?;
+    set_machine_id(plan, res.init, root)?;
     set_resolv_conf(plan, root)?;
     // pivot_root refuses a locked new root: pivot first.
     pivot_into(&new_root)?;
@@ -802,6 +804,33 @@ pub fn persistent_layer(plan: &MachinePlan) -> Option<&Path> {
     }
 }
 
+/// Switches the file system ids to the guest's root (host id
+/// [`GUEST_ROOT`]) keeping every capability in effect, or back to root.
+/// Changing the fsuid away from 0 drops the file capabilities from the
+/// effective set; they come back from the permitted set.
+fn act_as_guest_root(on: bool) -> Result<(), RuntimeError> {
+    let id = if on {
+        GUEST_ROOT.load(std::sync::atomic::Ordering::Relaxed)
+    } else {
+        0
+    };
+    let _ = nix::unistd::setfsgid(id.into());
+    let _ = nix::unistd::setfsuid(id.into());
+    if nix::unistd::setfsuid(u32::MAX.into()) != id.into() {
+        return Err(RuntimeError::Child(format!(
+            "setfsuid({id}) did not take effect"
+        )));
+    }
+    let permitted = caps::read(None, caps::CapSet::Permitted).map_err(|e| RuntimeError::Setup {
+        step: "reading our capabilities".into(),
+        message: e.to_string(),
+    })?;
+    caps::set(None, caps::CapSet::Effective, &permitted).map_err(|e| RuntimeError::Setup {
+        step: "raising our capabilities for the overlay mount".into(),
+        message: e.to_string(),
+    })
+}
+
 /// Mounts an overlay on `new_root`: the idmapped tree `lower` as its
 /// read-only lower layer, and as its upper layer either `layer` (an idmapped
 /// mount of the machine's layer directory holding `upper/` and `work/`) or,
@@ -860,14 +889,25 @@ fn mount_overlay_root(
     // Relative paths: the state directory's path may hold characters the
     // option parser splits on (`,`, `:`).
     nix::unistd::chdir(new_root).map_err(mount_err(format!("chdir {}", new_root.display())))?;
-    mount(
+    // overlayfs makes its work directories and copy-up files with the
+    // mounter's credentials. Ours are host root's, which the idmapped layer
+    // cannot map (EOVERFLOW: the kernel then mounts the overlay read-only,
+    // saying so only in its log); as the guest's root (fsuid) they map.
+    let as_guest_root = layer.is_some();
+    if as_guest_root {
+        act_as_guest_root(true)?;
+    }
+    let mounted = mount(
         Some("overlay"),
         "merged",
         Some("overlay"),
         MsFlags::MS_NODEV,
         Some("lowerdir=lower,upperdir=layer/upper,workdir=layer/work,userxattr"),
-    )
-    .map_err(|errno| {
+    );
+    if as_guest_root {
+        act_as_guest_root(false)?;
+    }
+    mounted.map_err(|errno| {
         let source: std::io::Error = errno.into();
         let upper = if layer.is_some() {
             "the machine's layer directory (idmapped)"
@@ -884,6 +924,19 @@ fn mount_overlay_root(
             ),
         }
     })?;
+    // overlayfs falls back to a read-only mount when it cannot use its
+    // upper layer, and says why only in the kernel log.
+    let flags = nix::sys::statvfs::statvfs("merged")
+        .map_err(|e| RuntimeError::io("statvfs of the overlay root")(e.into()))?
+        .flags();
+    if flags.contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
+        return Err(RuntimeError::Setup {
+            step: "mounting the overlay root".into(),
+            message: "overlayfs mounted the root read-only: it could not use the upper layer; \
+                      see the kernel log (dmesg) for its reason"
+                .into(),
+        });
+    }
     // Stack the merged tree on new_root itself so pivot_root finds it there.
     mount(
         Some("merged"),
@@ -1248,7 +1301,24 @@ fn set_resolv_conf(plan: &MachinePlan, root: BorrowedFd<'_>) -> Result<(), Runti
 /// Gives the guest the machine id of [`machine_id`] when its own
 /// /etc/machine-id is missing or empty, without writing the image. A guest
 /// symlink there is never followed (nor created through).
-fn set_machine_id(plan: &MachinePlan, root: BorrowedFd<'_>) -> Result<(), RuntimeError> {
+/// Gives a guest without a machine id one: the id derived from the
+/// machine's name (also its `container_uuid`), bind-mounted over
+/// `/etc/machine-id`, except where systemd is init on a writable root.
+/// There, as under systemd-nspawn, nothing is mounted: systemd takes
+/// `container_uuid` on its first boot and systemd-machine-id-commit writes
+/// it to the tree, which it cannot do through a mount it may not unmount
+/// (ours is locked: the unit failed with EINVAL and the guest came up
+/// degraded).
+fn set_machine_id(
+    plan: &MachinePlan,
+    init: InitKind,
+    root: BorrowedFd<'_>,
+) -> Result<(), RuntimeError> {
+    // An image is only ever a lower layer: its machines' roots are
+    // writable overlays unless read_only.
+    if init == InitKind::Systemd && !plan.definition.read_only {
+        return Ok(());
+    }
     let Ok(etc) = sys::open_in_root(root, Path::new("/etc"), libc::O_PATH | libc::O_DIRECTORY)
     else {
         return Ok(());

@@ -450,6 +450,7 @@ impl Supervisor {
         let res = BootResources {
             console_slave: &console.slave_path,
             host_dir,
+            init: kind,
         };
         let spawned = limited.and_then(|()| container::spawn(&self.plan, &res));
         let outcome = match spawned {

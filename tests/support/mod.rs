@@ -75,6 +75,42 @@ fn close_fixtures() {
         .expect("chmod 0700 the fixtures' directory");
 }
 
+/// A private, writable copy of a fixture as it was built (its machine id
+/// empty: the guest's first boot), removed on drop. For tests that change
+/// the tree, or whose guest writes to it on first boot.
+pub struct FixtureCopy {
+    pub path: PathBuf,
+}
+
+impl FixtureCopy {
+    pub fn new(kind: &str, name: &str) -> FixtureCopy {
+        let source = fixture(kind);
+        let path = Path::new(FIXTURES)
+            .join(".copies")
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("create .copies");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&source)
+            .arg(&path)
+            .status()
+            .expect("run cp -a");
+        assert!(status.success(), "copying the {kind} fixture failed");
+        let id = path.join("etc/machine-id");
+        if id.exists() {
+            std::fs::write(&id, "").expect("empty the copy's /etc/machine-id");
+        }
+        FixtureCopy { path }
+    }
+}
+
+impl Drop for FixtureCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 pub fn helper_binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_rmachined"))
 }
