@@ -296,13 +296,22 @@ async fn accounting_is_plausible_and_updates() {
     assert!(number(&a, "cpu_usage_nsec") > 0, "{a}");
 
     // Sleepers raise the task count; a second of spinning the CPU time.
-    let out = shell(
-        &h,
+    // Read while the shell runs: its sleepers are its children then (what
+    // becomes of orphans is not what this test is about).
+    let mut busy = h.rmachinectl_command(&[
+        "shell",
         "acct",
-        "for i in 1 2 3 4 5; do sleep 20 & done; end=$(( $(date +%s) + 2 )); while [ $(date +%s) -lt $end ]; do :; done",
-    );
-    assert_ok(&out, "sleepers and a busy second");
+        "--",
+        "/bin/sh",
+        "-c",
+        "for i in 1 2 3 4 5; do sleep 20 </dev/null >/dev/null 2>&1 & done; end=$(( $(date +%s) + 2 )); while [ $(date +%s) -lt $end ]; do :; done; sleep 3; kill $(jobs -p) 2>/dev/null; exit 0",
+    ])
+    .spawn()
+    .expect("run rmachinectl shell");
+    std::thread::sleep(Duration::from_millis(3500));
     let b = status_json(&h, "acct");
+    let out = busy.wait_with_output().expect("wait for the shell");
+    assert_ok(&out, "sleepers and a busy second");
     assert!(
         number(&b, "tasks_current") >= 6,
         "init and 5 sleepers: {a}\n{b}"

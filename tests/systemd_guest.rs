@@ -81,6 +81,13 @@ fn the_deb_under_a_real_systemd_and_polkit() {
         .prefix("rmachines-guest-")
         .tempdir()
         .unwrap();
+    // A machine root is root's alone (rmachined refuses one that host
+    // users can reach).
+    std::fs::set_permissions(
+        scratch.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     let root = scratch.path().join("root");
     let copy = Command::new("cp")
         .arg("-a")

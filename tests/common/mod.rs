@@ -302,6 +302,19 @@ impl Harness {
             .expect("connect to the test bus")
     }
 
+    /// `rmachinectl ARGS` on this harness's bus, stdin empty and stdout
+    /// and stderr piped, not yet spawned.
+    pub fn rmachinectl_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.install.rmachinectl);
+        command
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+
     pub fn rmachinectl(&self, args: &[&str]) -> Output {
         Command::new(&self.install.rmachinectl)
             .args(args)
