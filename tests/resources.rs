@@ -298,7 +298,7 @@ async fn accounting_is_plausible_and_updates() {
     // Sleepers raise the task count; a second of spinning the CPU time.
     // Read while the shell runs: its sleepers are its children then (what
     // becomes of orphans is not what this test is about).
-    let mut busy = h.rmachinectl_command(&[
+    let busy = h.rmachinectl_command(&[
         "shell",
         "acct",
         "--",
