@@ -4,7 +4,8 @@
 //!     scripts/bench.sh --quick    # CI: N <= 10, few repetitions
 //!     scripts/bench.sh --only density --sweep 500   # one case, prints only
 //!
-//! Cases for `--only`: boot (and stop), start, shell, density.
+//! Cases for `--only` (comma-separated): boot (and stop), start, shell,
+//! exec (throughput through `shell -T`), density, image.
 //!
 //! Runs alternate between rmachines and the reference. Figures are medians
 //! and p95 of this run's own measurements; nothing is typed in. Needs root,
@@ -68,8 +69,14 @@ fn run_quiet(command: &mut Command) -> std::process::ExitStatus {
 /// trees the tests use.
 fn bench_tree(kind: &str) -> PathBuf {
     let dest = Path::new("/var/tmp/rmachines-bench").join(kind);
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    // rmachined refuses a root unprivileged host users can reach.
+    std::fs::set_permissions(
+        dest.parent().unwrap(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     if !dest.is_dir() {
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
         let status = run_quiet(
             Command::new("cp")
                 .arg("-a")
@@ -244,6 +251,73 @@ fn boot_and_stop(opts: &Options, rows: &mut Vec<Row>, breakdown: &mut Vec<(Strin
     });
 }
 
+/// A machine made from an imported Debian image: `create` (which copies
+/// nothing) against copying the tree, and its boot to ready on the overlay
+/// root against the same tree used as `root`.
+fn image_machines(opts: &Options, rows: &mut Vec<Row>) {
+    let tree = bench_tree("debian");
+    let h = Harness::start_with(|c| write_definition(c, "deb-root", &tree, ""));
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .args(["--numeric-owner", "--xattrs", "-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tar");
+    let pipe = tar.stdout.take().expect("tar stdout");
+    let out = Command::new(env!("CARGO_BIN_EXE_rmachinectl"))
+        .args(["image", "import", "debian", "-"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", h.address())
+        .stdin(Stdio::from(pipe))
+        .output()
+        .expect("rmachinectl image import");
+    assert!(
+        tar.wait().is_ok_and(|status| status.success()),
+        "tar failed"
+    );
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy = PathBuf::from(format!(
+        "/var/tmp/rmachines-bench/debian-copy-{}",
+        std::process::id()
+    ));
+    let copy = copy.as_path();
+    let (mut create, mut copying, mut boot_image, mut boot_root) = (vec![], vec![], vec![], vec![]);
+    for run in 0..opts.runs {
+        let name = format!("deb-image-{run}");
+        create.push(ms(rmachinectl(&h, &["create", &name, "--image", "debian"])));
+        let _ = std::fs::remove_dir_all(copy);
+        let started = Instant::now();
+        assert!(run_quiet(Command::new("cp").arg("-a").arg(&tree).arg(copy)).success());
+        copying.push(ms(started.elapsed()));
+        let _ = std::fs::remove_dir_all(copy);
+        boot_image.push(ms(rmachinectl(&h, &["start", &name])));
+        rmachinectl(&h, &["stop", &name]);
+        boot_root.push(ms(rmachinectl(&h, &["start", "deb-root"])));
+        rmachinectl(&h, &["stop", "deb-root"]);
+        rmachinectl(&h, &["remove", &name]);
+    }
+    rows.push(Row {
+        case: "create a machine from an imported Debian image".into(),
+        ours: create,
+        reference: copying,
+        reference_name: "cp -a of the same tree (a machine's own copy)".into(),
+        unit: "ms",
+        target: "create <= 50 ms".into(),
+    });
+    rows.push(Row {
+        case: "boot to ready, Debian image (overlay root, first boot of its layer)".into(),
+        ours: boot_image,
+        reference: boot_root,
+        reference_name: "rmachines, the same tree as root".into(),
+        unit: "ms",
+        target: "ratio <= 1.1".into(),
+    });
+}
+
 async fn start_overhead(opts: &Options, rows: &mut Vec<Row>) {
     let tree = support::fixture("busybox");
     let reference_tree = bench_tree("busybox");
@@ -336,8 +410,94 @@ fn shell_round_trip(opts: &Options, rows: &mut Vec<Row>) {
         reference,
         reference_name: "nsenter -t PID -a /bin/true".into(),
         unit: "ms",
-        target: "ratio <= 3".into(),
+        target: "ratio <= 2".into(),
     });
+}
+
+/// Bytes per throughput run.
+const EXEC_BYTES: u64 = 256 << 20;
+
+/// Runs `command` with `EXEC_BYTES` of zeros on its stdin (`feed`) or reads
+/// and counts its stdout; returns MB/s.
+fn throughput(command: &mut Command, feed: bool) -> f64 {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut child = command
+        .stdin(if feed { Stdio::piped() } else { Stdio::null() })
+        .stdout(if feed { Stdio::null() } else { Stdio::piped() })
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let buffer = vec![0u8; 128 * 1024];
+    let mut moved = 0u64;
+    if feed {
+        let mut stdin = child.stdin.take().unwrap();
+        while moved < EXEC_BYTES {
+            stdin.write_all(&buffer).expect("feed the command");
+            moved += buffer.len() as u64;
+        }
+    } else {
+        let mut stdout = child.stdout.take().unwrap();
+        let mut buffer = buffer;
+        loop {
+            match stdout.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => moved += n as u64,
+                Err(e) => panic!("reading the command: {e}"),
+            }
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(moved, EXEC_BYTES, "bytes moved");
+    EXEC_BYTES as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
+fn exec_throughput(opts: &Options, rows: &mut Vec<Row>) {
+    let tree = support::fixture("busybox");
+    let h =
+        Harness::start_with(|c| write_definition(c, "io", &tree, "[network]\nmode = \"none\"\n"));
+    rmachinectl(&h, &["start", "io"]);
+    let status = h.rmachinectl(&["status", "io", "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let leader = info["leader"].as_u64().unwrap().to_string();
+    let produce = format!(
+        "dd if=/dev/zero bs=131072 count={} 2>/dev/null",
+        EXEC_BYTES / 131072
+    );
+    let consume = "cat >/dev/null";
+    for (case, feed, script) in [
+        (
+            "exec throughput out (256 MiB, command to caller)",
+            false,
+            produce.as_str(),
+        ),
+        (
+            "exec throughput in (256 MiB, caller to command)",
+            true,
+            consume,
+        ),
+    ] {
+        let (mut ours, mut reference) = (vec![], vec![]);
+        for _ in 0..opts.runs {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_rmachinectl"));
+            command
+                .env("DBUS_SYSTEM_BUS_ADDRESS", h.address())
+                .args(["shell", "-T", "io", "--", "/bin/sh", "-c", script]);
+            ours.push(throughput(&mut command, feed));
+            let mut command = Command::new("nsenter");
+            command.args(["-t", &leader, "-a", "/bin/sh", "-c", script]);
+            reference.push(throughput(&mut command, feed));
+        }
+        rows.push(Row {
+            case: case.into(),
+            ours,
+            reference,
+            reference_name: "nsenter -t PID -a, same command".into(),
+            unit: "MB/s",
+            target: "ratio >= 0.8".into(),
+        });
+    }
+    rmachinectl(&h, &["stop", "io"]);
 }
 
 /// One point of the density sweep.
@@ -630,7 +790,10 @@ fn main() {
             .cloned()
     };
     let only = value_of("--only");
-    let runs_case = |case: &str| only.as_deref().is_none_or(|o| o == case);
+    let runs_case = |case: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|c| c == case))
+    };
     let sweep = match value_of("--sweep") {
         Some(list) => list
             .split(',')
@@ -657,9 +820,17 @@ fn main() {
         eprintln!("start overhead ...");
         runtime.block_on(start_overhead(&opts, &mut rows));
     }
+    if runs_case("image") {
+        eprintln!("machines from an image ...");
+        image_machines(&opts, &mut rows);
+    }
     if runs_case("shell") {
         eprintln!("shell round trip ...");
         shell_round_trip(&opts, &mut rows);
+    }
+    if runs_case("exec") {
+        eprintln!("exec throughput ...");
+        exec_throughput(&opts, &mut rows);
     }
     let mut points = Vec::new();
     if runs_case("density") {

@@ -15,6 +15,8 @@ base=/var/lib/rmachines-demo
 run=/run/rmachines-demo
 mkdir -p "$base/etc" "$base/lib" "$run"
 tests/fixtures/make-rootfs.sh busybox "$base/machines/demo"
+# Machine roots are root's alone (rmachined refuses a reachable one).
+chmod 0700 "$base/machines"
 cat > "$base/etc/demo.toml" <<TOML
 # A busybox machine: init is busybox's, PID 1 in its own namespaces.
 root = "$base/machines/demo"

@@ -1,6 +1,13 @@
 //! rmachined's orchestration: logging, the bus, readiness and watchdog
-//! notifications to systemd, and an orderly shutdown on SIGTERM/SIGINT.
-//! The binary only parses flags and calls [`run`].
+//! notifications to systemd, and an orderly exit on SIGTERM/SIGINT.
+//! The binary only parses flags and calls [`run_with`].
+//!
+//! The daemon's exit does not stop machines (SPEC "Daemon lifetime and
+//! machines"): each machine has its own supervisor (and, on a systemd host,
+//! its own scope unit), and the next daemon re-adopts it. Machines stop when
+//! asked (`rmachinectl stop`), when the host shuts down (their scopes, or
+//! SIGTERM to their supervisors), or — with `--stop-machines-on-exit` — when
+//! this daemon exits.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -81,8 +88,24 @@ fn stderr_is_journal() -> bool {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT, then stops every machine.
+/// What the daemon does besides serving.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Stop every machine (in parallel) on SIGTERM/SIGINT before exiting,
+    /// and remove the bridge and rules. Off by default: a restart keeps the
+    /// machines running.
+    pub stop_machines_on_exit: bool,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT with the default options: the
+/// machines keep running when it exits.
 pub async fn run(config: ManagerConfig) -> Result<(), DaemonError> {
+    run_with(config, RunOptions::default()).await
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; then it exits, leaving the
+/// machines to their supervisors unless `options` say to stop them.
+pub async fn run_with(config: ManagerConfig, options: RunOptions) -> Result<(), DaemonError> {
     // Install the handlers first so an early SIGTERM is not fatal.
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -93,6 +116,18 @@ pub async fn run(config: ManagerConfig) -> Result<(), DaemonError> {
         .build()
         .await
         .map_err(DaemonError::Connect)?;
+    // Before any start (autostart, a call): on a systemd host machines run
+    // in scopes and are registered with machined.
+    match crate::systemd::Host::detect(&connection).await {
+        Some(host) => {
+            tracing::info!(
+                "systemd is PID 1: machines run in scopes in {} and are registered with systemd-machined",
+                crate::systemd::SLICE
+            );
+            manager.use_systemd(host).await;
+        }
+        None => tracing::debug!("systemd is not PID 1: machines run in rmachined's own cgroups"),
+    }
     dbus::serve(&connection, manager.clone())
         .await
         .map_err(DaemonError::Serve)?;
@@ -109,20 +144,40 @@ pub async fn run(config: ManagerConfig) -> Result<(), DaemonError> {
     tokio::spawn(update_status(manager.clone(), status_events));
     spawn_watchdog();
 
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM received; stopping every machine"),
-        _ = sigint.recv() => tracing::info!("SIGINT received; stopping every machine"),
+    let signal = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    if options.stop_machines_on_exit {
+        tracing::info!("{signal} received; stopping every machine (--stop-machines-on-exit)");
+        notify(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("stopping machines"),
+        ]);
+        manager.shutdown().await;
+    } else {
+        let running = manager.active_count();
+        tracing::info!(
+            "{signal} received; exiting, {} keep running (the next rmachined re-adopts them)",
+            machines_phrase(running)
+        );
+        notify(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("exiting; machines keep running"),
+        ]);
     }
-    notify(&[
-        sd_notify::NotifyState::Stopping,
-        sd_notify::NotifyState::Status("stopping machines"),
-    ]);
-    manager.shutdown().await;
     if let Err(error) = connection.release_name(dbus::BUS_NAME).await {
         tracing::debug!("cannot release {}: {error}", dbus::BUS_NAME);
     }
-    tracing::info!("all machines stopped; exiting");
+    tracing::info!("exiting");
     Ok(())
+}
+
+fn machines_phrase(count: usize) -> String {
+    match count {
+        1 => "1 machine".to_owned(),
+        n => format!("{n} machines"),
+    }
 }
 
 async fn request_name(connection: &Connection) -> Result<(), DaemonError> {
@@ -230,10 +285,39 @@ mod tests {
         assert_eq!(status_line(1), "1 machine running");
         assert_eq!(status_line(3), "3 machines running");
     }
+
+    #[test]
+    fn machines_keep_running_unless_the_flag_says_otherwise() {
+        use clap::Parser;
+        let plain = Args::try_parse_from(["rmachined"]).unwrap();
+        assert!(!plain.run_options().stop_machines_on_exit);
+        let flagged = Args::try_parse_from(["rmachined", "--stop-machines-on-exit"]).unwrap();
+        assert!(flagged.run_options().stop_machines_on_exit);
+    }
 }
 
 /// The rmachines system service: boots and supervises machines and serves
 /// org.rmachines1 on the system bus.
+///
+/// Each machine has a supervisor process of its own, which outlives the
+/// daemon. On SIGTERM or SIGINT rmachined exits at once and leaves every
+/// machine running; the next rmachined re-adopts them (same init, same
+/// addresses). So `systemctl restart rmachined`, a package upgrade and a
+/// crash never stop a machine, and `systemctl stop rmachined` stops only the
+/// daemon: its machines keep running, without D-Bus API or autostart, until
+/// it starts again. To stop machines, use `rmachinectl stop NAME` (or
+/// `systemctl stop rmachine@NAME` / `machine-NAME.scope`) first, or run
+/// the daemon with --stop-machines-on-exit.
+///
+/// When systemd is PID 1, each machine runs in its own delegated scope
+/// unit machine-NAME.scope in machine.slice and is registered with
+/// systemd-machined (class container, service rmachines), so `machinectl
+/// list` and `systemctl status machine-NAME.scope` show it. Stopping the
+/// scope stops the machine gracefully (its stop signal, then its
+/// stop_timeout); the host's shutdown stops every machine so, before
+/// rmachined. Without systemd (or machined), machines run in rmachined's
+/// own cgroups; a supervisor that gets SIGTERM (sysvinit's killall5 at
+/// shutdown) stops its machine gracefully.
 #[derive(Debug, clap::Parser)]
 #[command(name = "rmachined", version)]
 pub struct Args {
@@ -258,9 +342,20 @@ pub struct Args {
     /// The nftables tables (families inet and bridge) that hold all of rmachined's rules.
     #[arg(long, default_value = "rmachines")]
     pub nft_table: String,
+    /// On SIGTERM/SIGINT, stop every machine before exiting. Without it the
+    /// machines keep running and the next rmachined re-adopts them.
+    #[arg(long)]
+    pub stop_machines_on_exit: bool,
 }
 
 impl Args {
+    /// What to do besides serving, from the flags.
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions {
+            stop_machines_on_exit: self.stop_machines_on_exit,
+        }
+    }
+
     /// The manager's configuration from the flags.
     pub fn manager_config(self) -> Result<ManagerConfig, String> {
         let ipv6_subnet = match self.ipv6_subnet.as_str() {

@@ -18,7 +18,12 @@ pub struct Definition {
     pub name: String,
     /// The file this definition was read from.
     pub file: PathBuf,
+    /// The OS tree; for `image = "NAME"`, the image's tree in the store
+    /// (filled in by [`load_definition`]), the lower layer of an overlay.
     pub root: PathBuf,
+    /// `image = "NAME"`: the machine's root is an overlay on this image.
+    #[serde(default)]
+    pub image: Option<String>,
     pub boot: bool,
     pub command: Vec<String>,
     pub hostname: String,
@@ -30,10 +35,26 @@ pub struct Definition {
     pub notify_ready: NotifyReady,
     pub read_only: bool,
     pub ephemeral: bool,
+    /// `user = "UID:GID"`: the command runs as this user of the machine
+    /// (the default of an OCI image's `User`); None: root.
+    #[serde(default)]
+    pub user: Option<(u32, u32)>,
+    /// `working_directory = "/path"`: the command starts there.
+    #[serde(default)]
+    pub working_directory: Option<PathBuf>,
     pub users: Users,
     pub network: Network,
     pub resources: Resources,
     pub binds: Vec<Bind>,
+    /// Host device nodes (`[devices] allow`) the machine may open besides
+    /// its default /dev: bound at the same path and let through the
+    /// machine's device policy.
+    #[serde(default)]
+    pub devices: Vec<PathBuf>,
+    /// `allow_exposed_root`: boot even when unprivileged host users can
+    /// reach the root (its setuid files would be theirs to run).
+    #[serde(default)]
+    pub allow_exposed_root: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -458,6 +479,11 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Checks an image name: the same rule as a machine name.
+pub fn validate_image_name(name: &str) -> Result<(), String> {
+    validate_name(name).map_err(|e| e.to_string().replace("machine name", "image name"))
+}
+
 /// Why a definition file could not be used. The Display is one sentence that
 /// names the file and, where there is one, the line and the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -528,6 +554,7 @@ impl DefinitionError {
 #[serde(deny_unknown_fields)]
 struct RawDefinition {
     root: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
     boot: Option<Spanned<bool>>,
     command: Option<Spanned<Vec<String>>>,
     hostname: Option<Spanned<String>>,
@@ -539,10 +566,20 @@ struct RawDefinition {
     notify_ready: Option<Spanned<String>>,
     read_only: Option<bool>,
     ephemeral: Option<bool>,
+    user: Option<Spanned<String>>,
+    working_directory: Option<Spanned<String>>,
     users: Option<RawUsers>,
     network: Option<RawNetwork>,
     resources: Option<RawResources>,
     bind: Option<Vec<RawBind>>,
+    devices: Option<RawDevices>,
+    allow_exposed_root: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevices {
+    allow: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -735,20 +772,37 @@ fn parse_with_spans(
     let src = Source { file, text };
     let raw: RawDefinition = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
 
-    let root_raw = raw.root.ok_or_else(|| {
-        src.missing(
-            "root",
-            "is required: the directory holding the machine's OS tree",
-        )
-    })?;
-    let root = absolute_path(&src, &root_raw, "root")?;
-    if has_dotdot(&root) {
-        return Err(src.spanned(
-            &root_raw,
-            "root",
-            format!("{:?} must not contain \"..\"", root_raw.get_ref()),
-        ));
-    }
+    let (root, image, root_span) = match (&raw.root, &raw.image) {
+        (Some(_), Some(image)) => {
+            return Err(src.spanned(
+                image,
+                "image",
+                "a definition names either root or image, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(src.missing(
+                "root",
+                "is required: the directory holding the machine's OS tree \
+                 (or set `image` to an imported image)",
+            ))
+        }
+        (Some(root_raw), None) => {
+            let root = absolute_path(&src, root_raw, "root")?;
+            if has_dotdot(&root) {
+                return Err(src.spanned(
+                    root_raw,
+                    "root",
+                    format!("{:?} must not contain \"..\"", root_raw.get_ref()),
+                ));
+            }
+            (root, None, root_raw.span())
+        }
+        (None, Some(image)) => {
+            validate_image_name(image.get_ref()).map_err(|m| src.spanned(image, "image", m))?;
+            (PathBuf::new(), Some(image.get_ref().clone()), image.span())
+        }
+    };
 
     let boot = raw.boot.as_ref().is_none_or(|b| *b.get_ref());
     let command = match (&raw.command, boot) {
@@ -859,6 +913,14 @@ fn parse_with_spans(
         None => StopSignal::Auto,
     };
 
+    let user = match &raw.user {
+        Some(user) => Some(parse_user(user.get_ref()).map_err(|m| src.spanned(user, "user", m))?),
+        None => None,
+    };
+    let working_directory = match &raw.working_directory {
+        Some(dir) => Some(absolute_path(&src, dir, "working_directory")?),
+        None => None,
+    };
     let users = parse_users(&src, raw.users.as_ref())?;
     let network = parse_network(&src, raw.network.as_ref())?;
     let resources = parse_resources(&src, raw.resources.as_ref())?;
@@ -868,11 +930,18 @@ fn parse_with_spans(
         .flatten()
         .map(|bind| parse_bind(&src, bind))
         .collect::<Result<Vec<_>, _>>()?;
+    let devices = raw
+        .devices
+        .iter()
+        .flat_map(|d| d.allow.iter().flatten())
+        .map(|path| parse_device(&src, path))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let definition = Definition {
         name: name.to_string(),
         file: file.to_path_buf(),
         root,
+        image,
         boot,
         command,
         hostname,
@@ -884,12 +953,27 @@ fn parse_with_spans(
         notify_ready,
         read_only: raw.read_only.unwrap_or(false),
         ephemeral: raw.ephemeral.unwrap_or(false),
+        user,
+        working_directory,
         users,
         network,
         resources,
         binds,
+        devices,
+        allow_exposed_root: raw.allow_exposed_root.unwrap_or(false),
     };
-    Ok((definition, root_raw.span()))
+    Ok((definition, root_span))
+}
+
+/// `UID:GID` (numbers; a name would need the guest's files at parse time).
+fn parse_user(text: &str) -> Result<(u32, u32), String> {
+    let bad =
+        || format!("{text:?} is not a user; expected \"UID:GID\" in numbers, e.g. \"1000:1000\"");
+    let (uid, gid) = text.split_once(':').ok_or_else(bad)?;
+    Ok((
+        uid.parse().map_err(|_| bad())?,
+        gid.parse().map_err(|_| bad())?,
+    ))
 }
 
 fn parse_word<T: FromStr<Err = String>>(
@@ -1364,14 +1448,44 @@ fn parse_bind(src: &Source<'_>, raw: &RawBind) -> Result<Bind, DefinitionError> 
     })
 }
 
+/// A `[devices] allow` entry: a device path under /dev, kept as written.
+fn parse_device(src: &Source<'_>, raw: &Spanned<String>) -> Result<PathBuf, DefinitionError> {
+    let path = absolute_path(src, raw, "devices.allow")?;
+    let under_dev = path
+        .strip_prefix("/dev")
+        .is_ok_and(|rest| !rest.as_os_str().is_empty());
+    if !under_dev || has_dotdot(&path) || raw.get_ref().contains("//") {
+        return Err(src.spanned(
+            raw,
+            "devices.allow",
+            format!(
+                "{:?} must be a device path under /dev, e.g. \"/dev/fuse\"",
+                raw.get_ref()
+            ),
+        ));
+    }
+    if path.starts_with("/dev/pts") || path == Path::new("/dev/console") {
+        return Err(src.spanned(
+            raw,
+            "devices.allow",
+            format!(
+                "{:?} is the machine's own; it cannot be allowed from the host",
+                raw.get_ref()
+            ),
+        ));
+    }
+    Ok(path)
+}
+
 // ---------------------------------------------------------------------------
 // Loading from disk
 // ---------------------------------------------------------------------------
 
 /// Reads, parses and validates `file`; the machine's name is the file stem.
-/// Also checks that `root` is a directory. Whether it holds an init is left
-/// to start time.
-pub fn load_definition(file: &Path) -> Result<Definition, DefinitionError> {
+/// Also checks that `root` is a directory, or for `image = "NAME"` that
+/// `<images>/NAME` is one (and makes it the root). Whether it holds an init
+/// is left to start time.
+pub fn load_definition(file: &Path, images: &Path) -> Result<Definition, DefinitionError> {
     let name = name_of(file);
     validate_name(&name).map_err(|reason| DefinitionError::Name {
         file: file.to_path_buf(),
@@ -1381,8 +1495,24 @@ pub fn load_definition(file: &Path) -> Result<Definition, DefinitionError> {
         file: file.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let (definition, root_span) = parse_with_spans(&name, file, &text)?;
+    let (mut definition, root_span) = parse_with_spans(&name, file, &text)?;
     let src = Source { file, text: &text };
+    if let Some(image) = &definition.image {
+        let tree = images.join(image);
+        if !tree.is_dir() {
+            return Err(src.invalid(
+                root_span,
+                "image",
+                format!(
+                    "no image {image:?} is imported ({} is missing); import it with \
+                     `rmachinectl image import {image} FILE`",
+                    tree.display()
+                ),
+            ));
+        }
+        definition.root = tree;
+        return Ok(definition);
+    }
     match std::fs::metadata(&definition.root) {
         Ok(meta) if meta.is_dir() => Ok(definition),
         Ok(_) => Err(src.invalid(
@@ -1414,8 +1544,9 @@ pub struct LoadedDefinition {
 
 /// Loads every `*.toml` in `dir` (not recursively), sorted by file name. A
 /// bad file is returned with its error; it never stops the others. Fails only
-/// when the directory itself cannot be read.
-pub fn load_dir(dir: &Path) -> std::io::Result<Vec<LoadedDefinition>> {
+/// when the directory itself cannot be read. `images` is where `image = ...`
+/// names are looked up.
+pub fn load_dir(dir: &Path, images: &Path) -> std::io::Result<Vec<LoadedDefinition>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -1428,7 +1559,7 @@ pub fn load_dir(dir: &Path) -> std::io::Result<Vec<LoadedDefinition>> {
         .into_iter()
         .map(|file| LoadedDefinition {
             name: name_of(&file),
-            result: load_definition(&file),
+            result: load_definition(&file, images),
             file,
         })
         .collect())
@@ -1545,6 +1676,7 @@ read_only = false
             name: "web".into(),
             file: PathBuf::from(FILE),
             root: PathBuf::from("/var/lib/machines/web"),
+            image: None,
             boot: true,
             command: vec!["/sbin/init".into()],
             hostname: "web".into(),
@@ -1556,6 +1688,8 @@ read_only = false
             notify_ready: NotifyReady::Auto,
             read_only: false,
             ephemeral: false,
+            user: None,
+            working_directory: None,
             users: Users {
                 base: UidBase::Pick,
                 size: 65536,
@@ -1579,6 +1713,8 @@ read_only = false
                 tasks: Some(512),
                 ..Resources::default()
             },
+            devices: Vec::new(),
+            allow_exposed_root: false,
             binds: vec![Bind {
                 source: "/srv/web".into(),
                 target: "/srv/web".into(),
@@ -1892,6 +2028,35 @@ cpus = 2
     }
 
     #[test]
+    fn devices_are_paths_under_dev() {
+        let def = parse(&with_root(
+            "allow_exposed_root = true\n[devices]\nallow = [\"/dev/fuse\", \"/dev/net/tun\"]\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            def.devices,
+            vec![PathBuf::from("/dev/fuse"), PathBuf::from("/dev/net/tun")]
+        );
+        assert!(def.allow_exposed_root);
+        for bad in [
+            "fuse",
+            "/dev",
+            "/dev/",
+            "/etc/fuse",
+            "/dev/../sda",
+            "/dev/pts/0",
+            "/dev/console",
+        ] {
+            expect_error(
+                &with_root(&format!("[devices]\nallow = [\"{bad}\"]\n")),
+                3,
+                "devices.allow",
+            );
+        }
+        expect_error(&with_root("[devices]\nnodes = []\n"), 3, "devices.nodes");
+    }
+
+    #[test]
     fn durations() {
         for (text, expected) in [
             ("30s", Duration::from_secs(30)),
@@ -2046,12 +2211,60 @@ cpus = 2
     }
 
     #[test]
+    fn root_or_image_exactly_one() {
+        let def = parse("image = \"debian\"\n").unwrap();
+        assert_eq!(def.image.as_deref(), Some("debian"));
+        let err = expect_error("root = \"/srv\"\nimage = \"debian\"\n", 2, "image");
+        assert!(err.contains("either root or image"), "{err}");
+        let err = expect_error("image = \"Deb/ian\"\n", 1, "image");
+        assert!(err.contains("image name"), "{err}");
+        let err = parse("boot = true\n").unwrap_err().to_string();
+        assert!(
+            err.contains("key \"root\"") && err.contains("image"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn user_and_working_directory() {
+        let def = parse(&with_root(
+            "user = \"1000:100\"\nworking_directory = \"/app\"\n",
+        ))
+        .unwrap();
+        assert_eq!(def.user, Some((1000, 100)));
+        assert_eq!(def.working_directory, Some(PathBuf::from("/app")));
+        expect_error(&with_root("user = \"www-data\"\n"), 2, "user");
+        expect_error(
+            &with_root("working_directory = \"app\"\n"),
+            2,
+            "working_directory",
+        );
+    }
+
+    #[test]
+    fn load_definition_resolves_images_in_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(images.join("debian")).unwrap();
+        let file = write(dir.path(), "web.toml", "\nimage = \"debian\"\n");
+        let def = load_definition(&file, &images).unwrap();
+        assert_eq!(def.root, images.join("debian"));
+        let file = write(dir.path(), "db.toml", "\nimage = \"alpine\"\n");
+        let err = load_definition(&file, &images).unwrap_err();
+        assert_eq!((err.line(), err.key()), (Some(2), Some("image")), "{err}");
+        assert!(
+            err.to_string().contains("rmachinectl image import alpine"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn load_definition_checks_root_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("rootfs");
         std::fs::create_dir(&root).unwrap();
         let good = write(dir.path(), "good.toml", &format!("root = {:?}\n", root));
-        let def = load_definition(&good).unwrap();
+        let def = load_definition(&good, dir.path()).unwrap();
         assert_eq!(def.name, "good");
         assert_eq!(def.root, root);
 
@@ -2060,22 +2273,22 @@ cpus = 2
             "missing.toml",
             &format!("\nroot = {:?}\n", dir.path().join("nope")),
         );
-        let err = load_definition(&missing).unwrap_err();
+        let err = load_definition(&missing, dir.path()).unwrap_err();
         assert_eq!((err.line(), err.key()), (Some(2), Some("root")), "{err}");
         assert!(err
             .to_string()
             .starts_with(&format!("{}:2: key \"root\"", missing.display())));
 
         let file_root = write(dir.path(), "file.toml", &format!("root = {:?}\n", good));
-        let err = load_definition(&file_root).unwrap_err();
+        let err = load_definition(&file_root, dir.path()).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
 
         let bad_name = write(dir.path(), "Bad_Name.toml", &format!("root = {:?}\n", root));
-        let err = load_definition(&bad_name).unwrap_err();
+        let err = load_definition(&bad_name, dir.path()).unwrap_err();
         assert!(matches!(err, DefinitionError::Name { .. }));
         assert!(err.to_string().contains("Bad_Name.toml"), "{err}");
 
-        let err = load_definition(&dir.path().join("absent.toml")).unwrap_err();
+        let err = load_definition(&dir.path().join("absent.toml"), dir.path()).unwrap_err();
         assert!(matches!(err, DefinitionError::Read { .. }), "{err}");
     }
 
@@ -2095,7 +2308,7 @@ cpus = 2
             &format!("root = {:?}\n", root),
         );
 
-        let loaded = load_dir(dir.path()).unwrap();
+        let loaded = load_dir(dir.path(), dir.path()).unwrap();
         let names: Vec<&str> = loaded.iter().map(|l| l.name.as_str()).collect();
         assert_eq!(names, ["Bad", "broken", "web"]);
         assert!(matches!(

@@ -11,15 +11,22 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::definition::{load_dir, validate_name, Definition};
+use crate::image::{self, ImageError};
 use crate::network::{self, NetworkConfig};
 use crate::runtime::idrange::{self, HostIdFiles};
 use crate::runtime::protocol::{now_usec, Command, Status};
-use crate::runtime::{self, cgroup, enter, paths, supervisor, MachinePlan};
+use crate::runtime::{self, cgroup, enter, paths, supervisor, MachinePlan, RuntimeError};
+
+/// How long a shell waits for the guest's account files.
+const GUEST_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub use crate::runtime::protocol::MachineState;
+
+mod images;
+pub use images::ImageUse;
 
 /// A snapshot of one machine, everything the Machine object exposes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +59,8 @@ pub enum Event {
     MachineAdded { name: String },
     /// `Reload` found a definition gone (and the machine not running).
     MachineRemoved { name: String },
+    /// An image import read `done` of `total` bytes (0: unknown).
+    ImportProgress { name: String, done: u64, total: u64 },
 }
 
 /// Where the daemon keeps things.
@@ -69,6 +78,13 @@ pub struct ManagerConfig {
 pub struct ShellSession {
     pub pty_master: OwnedFd,
     pub session: u32,
+}
+
+/// A running machine and the guest user a session runs as.
+struct SessionTarget {
+    plan: MachinePlan,
+    leader: u32,
+    user: enter::GuestUser,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -97,6 +113,10 @@ pub enum ManagerError {
     InvalidArgument(String),
     #[error("{0}")]
     Io(String),
+    #[error("a machine named {0:?} is already defined; pick another name or `rmachinectl remove {0}` first")]
+    MachineExists(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
 }
 
 /// The manager handle; cheap to clone, shared by every D-Bus object.
@@ -112,6 +132,12 @@ struct Inner {
     machines: Mutex<BTreeMap<String, Entry>>,
     events: broadcast::Sender<Event>,
     next_session: AtomicU32,
+    /// The host's systemd, when PID 1 is systemd (see [`Manager::use_systemd`]).
+    systemd: std::sync::OnceLock<crate::systemd::Host>,
+    /// Running sessions: a word to their waiter hangs the command up.
+    sessions: Mutex<std::collections::HashMap<u32, oneshot::Sender<()>>>,
+    /// Names of the images being imported.
+    imports: Mutex<std::collections::BTreeSet<String>>,
 }
 
 struct Entry {
@@ -121,6 +147,10 @@ struct Entry {
     supervisor: Option<SupervisorLink>,
     /// The plan the running machine was started with.
     plan: Option<MachinePlan>,
+    /// The leader machined knows this machine by (0: not registered).
+    registered: u32,
+    /// The leader the last registration attempt was for (0: none).
+    registration_for: u32,
 }
 
 #[derive(Clone)]
@@ -167,6 +197,10 @@ impl Manager {
     pub async fn with_helper(config: ManagerConfig, helper: PathBuf) -> Result<Self, ManagerError> {
         for dir in [&config.state_dir, &config.storage_dir] {
             std::fs::create_dir_all(dir).map_err(io_err(&format!("creating {}", dir.display())))?;
+            // Machine state, consoles and writable layers are root's alone.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(&format!("chmod 0700 {}", dir.display())))?;
         }
         let (events, _) = broadcast::channel(4096);
         let manager = Manager {
@@ -176,8 +210,12 @@ impl Manager {
                 machines: Mutex::new(BTreeMap::new()),
                 events,
                 next_session: AtomicU32::new(1),
+                systemd: std::sync::OnceLock::new(),
+                sessions: Mutex::new(std::collections::HashMap::new()),
+                imports: Mutex::new(Default::default()),
             }),
         };
+        image::remove_leftovers(&image::images_dir(&manager.inner.config.storage_dir));
         manager.reload().await?;
         let names: Vec<String> = manager.lock().keys().cloned().collect();
         for name in names {
@@ -210,12 +248,15 @@ impl Manager {
         self.lock().values().map(|e| e.info.clone()).collect()
     }
 
+    /// A known machine's snapshot. A definition file whose stem is no valid
+    /// name is still known (listed `failed`, with why): it is found too, so
+    /// one bad file never breaks listing.
     pub fn get(&self, name: &str) -> Result<MachineInfo, ManagerError> {
+        if let Some(entry) = self.lock().get(name) {
+            return Ok(entry.info.clone());
+        }
         check_name(name)?;
-        self.lock()
-            .get(name)
-            .map(|e| e.info.clone())
-            .ok_or_else(|| ManagerError::NoSuchMachine(name.to_owned()))
+        Err(ManagerError::NoSuchMachine(name.to_owned()))
     }
 
     /// Connects to a supervisor left by an earlier daemon, if one runs.
@@ -263,7 +304,8 @@ impl Manager {
                         Ok(Some(line)) => match serde_json::from_str::<Status>(&line) {
                             Ok(st) => {
                                 manager.apply_status(&name, &st);
-                                let _ = status_tx.send(Some(st));
+                                let _ = status_tx.send(Some(st.clone()));
+                                manager.sync_registration(&name, &st).await;
                             }
                             Err(err) => tracing::warn!(machine = %name, %err, "bad status from supervisor"),
                         },
@@ -288,7 +330,8 @@ impl Manager {
                 error: "the supervisor exited without a final state".into(),
                 boots: 0,
             });
-            if last.state.is_active() {
+            let died = last.state.is_active();
+            if died {
                 last.state = MachineState::Failed;
                 last.error = format!(
                     "the supervisor died unexpectedly; see {}",
@@ -296,13 +339,42 @@ impl Manager {
                 );
             }
             last.leader = 0;
-            if let Some(entry) = manager.lock().get_mut(&name) {
-                entry.supervisor = None;
-                entry.plan = None;
+            manager.sync_registration(&name, &last).await;
+            let (plan, restart) = match manager.lock().get_mut(&name) {
+                Some(entry) => {
+                    entry.supervisor = None;
+                    let restart = entry.definition.as_ref().map(|d| d.restart).ok();
+                    (entry.plan.take(), restart)
+                }
+                None => (None, None),
+            };
+            if died {
+                // Its machine died with it (PDEATHSIG); what it would have
+                // cleaned up is cleaned here, before anyone starts it again.
+                let cleanup_name = name.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    supervisor::remove_leftovers(&dir, &cleanup_name);
+                    if let Some(net) = plan.as_ref().and_then(|p| p.network.as_ref()) {
+                        if let Err(err) = network::firewall::leave(net) {
+                            tracing::warn!(machine = %cleanup_name, %err, "removing a dead supervisor's network");
+                        }
+                    }
+                })
+                .await;
             }
             manager.apply_status(&name, &last);
             let _ = status_tx.send(Some(last));
             manager.forget_if_undefined(&name);
+            let restart_policy = restart.is_some_and(|r| r != crate::definition::RestartPolicy::No);
+            if died && restart_policy {
+                tracing::warn!(machine = %name, "the supervisor died; restarting the machine (restart policy)");
+                let manager = manager.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = manager.start(&name).await {
+                        tracing::error!(machine = %name, %err, "restart after the supervisor's death failed");
+                    }
+                });
+            }
         });
         SupervisorLink { commands, status }
     }
@@ -407,7 +479,9 @@ impl Manager {
                 loop {
                     let current = status.borrow_and_update().clone();
                     if let Some(st) = current {
-                        if st.leader != 0 || st.state == MachineState::Running {
+                        // `boots`: init was executed, even if it ended
+                        // before we looked (a command that exits at once).
+                        if st.leader != 0 || st.state == MachineState::Running || st.boots > 0 {
                             return Ok(());
                         }
                         if !st.state.is_active() {
@@ -448,8 +522,18 @@ impl Manager {
             name: name.to_owned(),
             message,
         };
-        let plan = tokio::task::spawn_blocking(
-            move || -> Result<(MachinePlan, std::os::unix::net::UnixStream), String> {
+        let systemd = self.inner.systemd.get().cloned();
+        let held = systemd.is_some();
+        let stop_timeout = definition.stop_timeout;
+        let (plan, launched) = tokio::task::spawn_blocking(
+            move || -> Result<(MachinePlan, supervisor::Launched), String> {
+                let layer = match &definition.image {
+                    Some(_) if !definition.ephemeral && !definition.read_only => Some(
+                        image::prepare_layer(&config.storage_dir, &owned_name, &definition.root)
+                            .map_err(|e| e.to_string())?,
+                    ),
+                    _ => None,
+                };
                 let ids = idrange::assign_range(
                     &config.storage_dir,
                     &owned_name,
@@ -464,24 +548,33 @@ impl Manager {
                     ids,
                     machine_dir: runtime::machine_dir(&config.state_dir, &owned_name),
                     cgroup: cgroup::machine_cgroup_path(&owned_name).map_err(|e| e.to_string())?,
+                    layer,
                     definition,
                     network,
                 };
                 // A machine root without init fails here with a clear sentence.
                 runtime::container::inspect_init(&plan).map_err(|e| e.to_string())?;
-                let mut launched = supervisor::launch(&helper, &plan).map_err(|e| e.to_string())?;
-                let _ = launched.child.wait();
-                launched
-                    .control
-                    .set_nonblocking(true)
-                    .map_err(|e| e.to_string())?;
-                Ok((plan, launched.control))
+                let launched = if held {
+                    supervisor::launch_held(&helper, &plan)
+                } else {
+                    supervisor::launch(&helper, &plan)
+                };
+                Ok((plan, launched.map_err(|e| e.to_string())?))
             },
         )
         .await
         .map_err(|e| failed(e.to_string()))?
         .map_err(failed)?;
-        let (plan, control) = plan;
+        let (plan, control) = match systemd {
+            Some(host) => self
+                .enter_scope(&host, name, plan, launched, stop_timeout)
+                .await
+                .map_err(failed)?,
+            None => tokio::task::spawn_blocking(move || finish_launch(plan, launched))
+                .await
+                .map_err(|e| failed(e.to_string()))?
+                .map_err(failed)?,
+        };
         let stream = UnixStream::from_std(control)
             .map_err(|e| failed(format!("connecting to the supervisor: {e}")))?;
         // The plan goes in first so the first status already shows the addresses.
@@ -494,6 +587,48 @@ impl Manager {
             entry.supervisor = Some(link);
         }
         Ok(status)
+    }
+
+    /// On a systemd host: puts the held supervisor in the machine's new
+    /// scope (in the scope's `supervisor` cgroup), plans the machine's
+    /// cgroup below the scope, and releases the supervisor.
+    async fn enter_scope(
+        &self,
+        host: &crate::systemd::Host,
+        name: &str,
+        mut plan: MachinePlan,
+        mut launched: supervisor::Launched,
+        stop_timeout: std::time::Duration,
+    ) -> Result<(MachinePlan, std::os::unix::net::UnixStream), String> {
+        let pid = launched.child.id();
+        let scope = match host.start_scope(name, pid, stop_timeout).await {
+            Ok(scope) => scope,
+            Err(err) => {
+                // Unreleased, the held process exits at once.
+                drop(launched.hold.take());
+                let _ = tokio::task::spawn_blocking(move || launched.child.wait()).await;
+                return Err(format!("creating its scope unit: {err}"));
+            }
+        };
+        tracing::info!(machine = name, unit = %scope.unit, cgroup = %scope.cgroup.display(), "machine scope started");
+        plan.cgroup = crate::systemd::payload_cgroup(&scope.cgroup);
+        tokio::task::spawn_blocking(move || {
+            let supervisor_cgroup = crate::systemd::supervisor_cgroup(&scope.cgroup);
+            crate::systemd::move_into(&supervisor_cgroup, pid).map_err(|e| {
+                format!(
+                    "moving the supervisor into {}: {e}",
+                    supervisor_cgroup.display()
+                )
+            })?;
+            let plan_file = plan.machine_dir.join(paths::PLAN);
+            let data = serde_json::to_vec_pretty(&plan).map_err(|e| e.to_string())?;
+            crate::statefile::write_atomic(&plan_file, &data)
+                .map_err(|e| format!("{} {}: {}", e.action, e.path.display(), e.source))?;
+            launched.release().map_err(|e| e.to_string())?;
+            finish_launch(plan, launched)
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// Graceful stop, SIGKILL after the stop timeout; returns once stopped.
@@ -538,6 +673,82 @@ impl Manager {
         command: Vec<String>,
         environment: Vec<String>,
     ) -> Result<ShellSession, ManagerError> {
+        let target = self.session_target(name, user, &environment).await?;
+        let failed = |message: String| ManagerError::Failed {
+            name: name.to_owned(),
+            message,
+        };
+        let (master, slave) = enter::open_guest_pty(
+            target.leader as i32,
+            target.plan.ids.base + target.user.uid,
+            target.plan.ids.base + 5,
+        )
+        .map_err(|e| failed(e.to_string()))?;
+        let term = environment
+            .iter()
+            .find_map(|e| e.strip_prefix("TERM="))
+            .unwrap_or("xterm-256color")
+            .to_owned();
+        let stdio = || slave.try_clone().map_err(|e| failed(e.to_string()));
+        let stdio = [stdio()?, stdio()?, stdio()?];
+        drop(slave);
+        let session = self.spawn_session(name, target, &term, command, environment, stdio, true)?;
+        Ok(ShellSession {
+            pty_master: master,
+            session,
+        })
+    }
+
+    /// Starts `command` (empty: the user's login shell) as `user` (empty:
+    /// root) inside the machine with `stdio` (the caller's descriptors) as
+    /// its fd 0, 1 and 2: no pty, no relay. Returns the session number that
+    /// [`Event::ShellExited`] reports.
+    pub async fn execute(
+        &self,
+        name: &str,
+        user: &str,
+        command: Vec<String>,
+        environment: Vec<String>,
+        stdio: [OwnedFd; 3],
+    ) -> Result<u32, ManagerError> {
+        let target = self.session_target(name, user, &environment).await?;
+        let term = environment
+            .iter()
+            .find_map(|e| e.strip_prefix("TERM="))
+            .unwrap_or("dumb")
+            .to_owned();
+        self.spawn_session(name, target, &term, command, environment, stdio, false)
+    }
+
+    fn sessions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u32, oneshot::Sender<()>>> {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends a session whose caller went away: its command gets SIGHUP (as
+    /// from a terminal hangup), the helpers SIGKILL. Returns whether it ran.
+    pub fn hang_up(&self, session: u32) -> bool {
+        self.sessions()
+            .remove(&session)
+            .is_some_and(|hang_up| hang_up.send(()).is_ok())
+    }
+
+    /// Whether a session is still running.
+    pub fn session_running(&self, session: u32) -> bool {
+        self.sessions().contains_key(&session)
+    }
+
+    /// Checks what a shell session needs: a running machine, the user in it.
+    async fn session_target(
+        &self,
+        name: &str,
+        user: &str,
+        environment: &[String],
+    ) -> Result<SessionTarget, ManagerError> {
         check_name(name)?;
         if let Some(bad) = environment
             .iter()
@@ -559,7 +770,27 @@ impl Manager {
                 _ => return Err(ManagerError::NotRunning(name.to_owned())),
             }
         };
-        let guest_user = enter::resolve_user(leader as i32, user).map_err(|err| match err {
+        // The guest's passwd is untrusted: read off the async workers, with
+        // a deadline, and its ids checked against the machine's range.
+        let lookup = {
+            let (user, size) = (user.to_owned(), plan.ids.size);
+            tokio::task::spawn_blocking(move || {
+                let found = enter::resolve_user(leader as i32, &user)?;
+                enter::check_ids(&found, size).map(|()| found)
+            })
+        };
+        let lookup = match tokio::time::timeout(GUEST_LOOKUP_TIMEOUT, lookup).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(enter::EnterError::Runtime(RuntimeError::Setup {
+                step: "looking the user up".into(),
+                message: join.to_string(),
+            })),
+            Err(_) => Err(enter::EnterError::Runtime(RuntimeError::Setup {
+                step: "looking the user up in the guest's /etc/passwd".into(),
+                message: format!("no answer within {GUEST_LOOKUP_TIMEOUT:?}"),
+            })),
+        };
+        let user = lookup.map_err(|err| match err {
             enter::EnterError::NoSuchUser(user) => ManagerError::NoSuchUser {
                 machine: name.to_owned(),
                 user,
@@ -570,60 +801,103 @@ impl Manager {
                 message: other.to_string(),
             },
         })?;
+        Ok(SessionTarget { plan, leader, user })
+    }
+
+    /// Runs the enter helper with `stdio` and reports its end as
+    /// [`Event::ShellExited`].
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_session(
+        &self,
+        name: &str,
+        target: SessionTarget,
+        term: &str,
+        command: Vec<String>,
+        environment: Vec<String>,
+        stdio: [OwnedFd; 3],
+        controlling_tty: bool,
+    ) -> Result<u32, ManagerError> {
         let failed = |message: String| ManagerError::Failed {
             name: name.to_owned(),
             message,
         };
-        let (master, slave) = enter::open_guest_pty(
-            leader as i32,
-            plan.ids.base + guest_user.uid,
-            plan.ids.base + 5,
-        )
-        .map_err(|e| failed(e.to_string()))?;
-        let term = environment
-            .iter()
-            .find_map(|e| e.strip_prefix("TERM="))
-            .unwrap_or("xterm-256color")
-            .to_owned();
         let spec = enter::EnterSpec {
-            leader: leader as i32,
-            cgroup: plan.cgroup.clone(),
-            env: enter::environment(&guest_user, &term, &environment),
+            leader: target.leader as i32,
+            cgroup: target.plan.cgroup.clone(),
+            env: enter::environment(&target.user, term, &environment),
             argv: command,
-            user: guest_user,
-            controlling_tty: true,
+            user: target.user,
+            controlling_tty,
         };
-        let mut std_command = enter::spec_command(&self.inner.helper, &spec);
-        let stdio = |fd: &OwnedFd| fd.try_clone().map(std::process::Stdio::from);
+        let mut std_command =
+            enter::spec_command(&self.inner.helper, &spec).map_err(|e| failed(e.to_string()))?;
+        let [stdin, stdout, stderr] = stdio;
         std_command
-            .stdin(stdio(&slave).map_err(|e| failed(e.to_string()))?)
-            .stdout(stdio(&slave).map_err(|e| failed(e.to_string()))?)
-            .stderr(stdio(&slave).map_err(|e| failed(e.to_string()))?);
+            .stdin(std::process::Stdio::from(stdin))
+            .stdout(std::process::Stdio::from(stdout))
+            .stderr(std::process::Stdio::from(stderr));
         let mut child = tokio::process::Command::from(std_command)
             .spawn()
-            .map_err(|e| failed(format!("starting the shell: {e}")))?;
-        drop(slave);
+            .map_err(|e| failed(format!("starting the command: {e}")))?;
+        // The Command (and with it our copies of the caller's descriptors
+        // and the spec memfd) is gone once spawned.
         let session = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let (hang_up, mut hung_up) = oneshot::channel();
+        self.sessions().insert(session, hang_up);
         let manager = self.clone();
         tokio::spawn(async move {
-            let status = match child.wait().await {
+            let waited = tokio::select! {
+                waited = child.wait() => waited,
+                Ok(()) = &mut hung_up => {
+                    // The helper's death takes the command along
+                    // (PDEATHSIG, see runtime::enter).
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let status = match waited {
                 Ok(st) => st.code().unwrap_or_else(|| {
                     128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
                 }),
                 Err(_) => 255,
             };
+            manager.sessions().remove(&session);
             manager.emit(Event::ShellExited { session, status });
         });
-        Ok(ShellSession {
-            pty_master: master,
-            session,
-        })
+        Ok(session)
+    }
+
+    /// The machine's console log, opened read-only: the rotated file
+    /// (`console.log.1`) first when there is one, then the current one.
+    /// Empty when the machine never ran.
+    pub fn console_logs(&self, name: &str) -> Result<Vec<OwnedFd>, ManagerError> {
+        self.get(name)?;
+        let dir = runtime::machine_dir(&self.inner.config.state_dir, name);
+        let mut logs = Vec::new();
+        for file in [
+            format!("{}.1", paths::CONSOLE_LOG),
+            paths::CONSOLE_LOG.to_owned(),
+        ] {
+            let path = dir.join(file);
+            match std::fs::File::open(&path) {
+                Ok(log) => logs.push(OwnedFd::from(log)),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(ManagerError::Io(format!(
+                        "opening {}: {err}",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        Ok(logs)
     }
 
     /// Re-reads the definitions; running machines are not disturbed.
     pub async fn reload(&self) -> Result<ReloadSummary, ManagerError> {
         let dir = self.inner.config.config_dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_dir(&dir))
+        let images = crate::image::images_dir(&self.inner.config.storage_dir);
+        let loaded = tokio::task::spawn_blocking(move || load_dir(&dir, &images))
             .await
             .map_err(|e| ManagerError::Io(e.to_string()))?;
         let loaded = match loaded {
@@ -713,6 +987,8 @@ impl Manager {
                                 definition,
                                 supervisor: None,
                                 plan: None,
+                                registered: 0,
+                                registration_for: 0,
                             },
                         );
                     }
@@ -858,12 +1134,147 @@ impl Manager {
         }
     }
 
+    /// Uses the host's systemd from now on: machines start in scopes and
+    /// are registered with machined; running (re-adopted) machines are
+    /// registered now if they are not yet.
+    pub async fn use_systemd(&self, host: crate::systemd::Host) {
+        if self.inner.systemd.set(host).is_err() {
+            return;
+        }
+        let running: Vec<(String, MachineState, u32)> = self
+            .lock()
+            .values()
+            .filter(|e| e.supervisor.is_some())
+            .map(|e| (e.info.name.clone(), e.info.state, e.info.leader))
+            .collect();
+        for (name, state, leader) in running {
+            let status = Status {
+                state,
+                leader,
+                supervisor: 0,
+                since: 0,
+                error: String::new(),
+                boots: 0,
+            };
+            self.sync_registration(&name, &status).await;
+        }
+    }
+
+    /// Keeps machined's record of `name` in line with its supervisor's
+    /// `status`: registered with the current leader while it is active,
+    /// unregistered when it stops. Failures are warnings: machined is not
+    /// needed for a machine to run.
+    async fn sync_registration(&self, name: &str, status: &Status) {
+        let Some(host) = self.inner.systemd.get() else {
+            return;
+        };
+        let wanted = if status.state.is_active() {
+            status.leader
+        } else {
+            0
+        };
+        let (registered, plan) = {
+            let mut machines = self.lock();
+            let Some(entry) = machines.get_mut(name) else {
+                return;
+            };
+            if entry.registration_for == wanted {
+                return;
+            }
+            entry.registration_for = wanted;
+            (entry.registered, entry.plan.clone())
+        };
+        if registered != 0 {
+            match host.unregister(name).await {
+                Ok(()) => tracing::debug!(machine = name, "unregistered from machined"),
+                Err(err) => tracing::warn!(machine = name, %err, "cannot unregister from machined"),
+            }
+        }
+        let mut now = 0;
+        if let (Some(plan), true) = (plan, wanted != 0) {
+            let registration = {
+                let name = name.to_owned();
+                tokio::task::spawn_blocking(move || registration(&name, &plan, wanted)).await
+            };
+            let outcome = match registration {
+                Ok(registration) => host.register(&registration).await,
+                Err(err) => {
+                    tracing::warn!(machine = name, %err, "cannot register with machined");
+                    return;
+                }
+            };
+            match outcome {
+                Ok(crate::systemd::Registered::Yes) => {
+                    tracing::info!(machine = name, leader = wanted, "registered with machined");
+                    now = wanted;
+                }
+                Ok(crate::systemd::Registered::Already) => now = wanted,
+                Ok(crate::systemd::Registered::Clash(why)) => tracing::warn!(
+                    machine = name,
+                    "not registered with machined: {why}; the machine runs anyway"
+                ),
+                Ok(crate::systemd::Registered::NoMachined) => tracing::debug!(
+                    machine = name,
+                    "systemd-machined is not on the bus; not registered"
+                ),
+                Err(err) => tracing::warn!(
+                    machine = name,
+                    %err,
+                    "cannot register with machined; the machine runs anyway"
+                ),
+            }
+        }
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.registered = now;
+        }
+    }
+
+    /// How many machines have a supervisor (starting, running or stopping).
+    pub fn active_count(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|e| e.supervisor.is_some())
+            .count()
+    }
+
     /// How many machines are running (for the daemon's status line).
     pub fn running_count(&self) -> usize {
         self.lock()
             .values()
             .filter(|e| e.info.state == MachineState::Running)
             .count()
+    }
+}
+
+/// Reaps the launcher (it exits as soon as the supervisor forked away) and
+/// readies the control connection for tokio.
+fn finish_launch(
+    plan: MachinePlan,
+    mut launched: supervisor::Launched,
+) -> Result<(MachinePlan, std::os::unix::net::UnixStream), String> {
+    let _ = launched.child.wait();
+    launched
+        .control
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    Ok((plan, launched.control))
+}
+
+/// What machined is told about a machine with `leader` as init.
+fn registration(name: &str, plan: &MachinePlan, leader: u32) -> crate::systemd::Registration {
+    let id =
+        crate::systemd::machine_id_bytes(&runtime::container::machine_id(plan)).unwrap_or_default();
+    let ifindex = plan.network.as_ref().and_then(|net| {
+        nix::net::if_::if_nametoindex(net.host_veth.as_str())
+            .ok()
+            .and_then(|index| i32::try_from(index).ok())
+    });
+    crate::systemd::Registration {
+        name: name.to_owned(),
+        id,
+        leader,
+        root: plan.definition.root.display().to_string(),
+        ifindex,
     }
 }
 

@@ -171,7 +171,11 @@ async fn busctl_drives_list_start_shell_errors_stop_and_reload() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_debian_guest_is_running_only_after_ready() {
     let root = support::fixture("debian");
-    let h = Harness::start_with(|c| write_definition(c, "deb", &root, NO_NET));
+    // Ephemeral: the guest's first boot writes its machine id, never to
+    // the shared fixture.
+    let h = Harness::start_with(|c| {
+        write_definition(c, "deb", &root, &format!("ephemeral = true\n{NO_NET}"))
+    });
     let conn = h.connection().await;
     let manager = ManagerProxy::new(&conn).await.unwrap();
     // Start returns once init executes; systemd is not ready by then.

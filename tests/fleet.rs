@@ -119,9 +119,9 @@ impl Fleet {
         // this process and of concurrent runs of this file.
         static FLEETS: AtomicUsize = AtomicUsize::new(0);
         let fleet_id = FLEETS.fetch_add(1, Ordering::Relaxed);
-        assert!(fleet_id < 4, "at most 4 fleets per test process");
+        assert!(fleet_id < 8, "at most 8 fleets per test process");
         assert!(count <= 4, "at most 4 hosts per fleet");
-        let base = std::process::id() as usize % 14 * 16 + fleet_id * 4;
+        let base = std::process::id() as usize % 7 * 32 + fleet_id * 4;
         for index in 0..count {
             let tag = format!("{}{fleet_id}{index}", std::process::id() % 10_000);
             let host = fleet.start_host(index, base + index, &tag, &setup);
@@ -892,8 +892,6 @@ fn docs_playbook_puts_web_on_three_hosts_with_a_published_port() {
 /// Every byte value, and end of file, through `shell -T` over ssh; the
 /// exit status comes back too.
 #[test]
-#[ignore = "needs `rmachinectl shell -T` (Execute, issue 13, the exec branch): \
-            un-ignore when it is merged"]
 fn shell_dash_t_over_ssh_relays_binary_stdin_exactly() {
     let root = support::fixture("busybox");
     let fleet = Fleet::start(1, |_, config| {

@@ -130,8 +130,7 @@ async fn forking_past_tasks_fails_inside() {
     let out = shell(
         &h,
         "forks",
-        // (HUP ignored: the sleepers outlive the shell's session.)
-        "trap '' HUP; i=0; while [ $i -lt 40 ]; do sleep 4 & i=$((i+1)); done; echo all forked",
+        "i=0; while [ $i -lt 40 ]; do sleep 4 & i=$((i+1)); done; echo all forked",
     );
     let during = status_json(&h, "forks");
     let out_text = text(&out);
@@ -297,13 +296,22 @@ async fn accounting_is_plausible_and_updates() {
     assert!(number(&a, "cpu_usage_nsec") > 0, "{a}");
 
     // Sleepers raise the task count; a second of spinning the CPU time.
-    let out = shell(
-        &h,
+    // Read while the shell runs: its sleepers are its children then (what
+    // becomes of orphans is not what this test is about).
+    let busy = h.rmachinectl_command(&[
+        "shell",
         "acct",
-        "trap '' HUP; for i in 1 2 3 4 5; do sleep 20 & done; end=$(( $(date +%s) + 2 )); while [ $(date +%s) -lt $end ]; do :; done",
-    );
-    assert_ok(&out, "sleepers and a busy second");
+        "--",
+        "/bin/sh",
+        "-c",
+        "for i in 1 2 3 4 5; do sleep 20 </dev/null >/dev/null 2>&1 & done; end=$(( $(date +%s) + 2 )); while [ $(date +%s) -lt $end ]; do :; done; sleep 3; kill $(jobs -p) 2>/dev/null; exit 0",
+    ])
+    .spawn()
+    .expect("run rmachinectl shell");
+    std::thread::sleep(Duration::from_millis(3500));
     let b = status_json(&h, "acct");
+    let out = busy.wait_with_output().expect("wait for the shell");
+    assert_ok(&out, "sleepers and a busy second");
     assert!(
         number(&b, "tasks_current") >= 6,
         "init and 5 sleepers: {a}\n{b}"
@@ -455,8 +463,16 @@ async fn an_io_weight_the_host_cannot_apply_fails_the_start_naming_the_key() {
 /// The units that failed in a Debian guest booted with `resources`.
 fn failed_units_of_a_debian_boot(resources: &str) -> (String, String) {
     let root = support::fixture("debian");
-    let h =
-        Harness::start_with(|c| write_definition(c, "deb", &root, &format!("{NO_NET}{resources}")));
+    // Ephemeral: the guest's first boot writes its machine id, never to
+    // the shared fixture.
+    let h = Harness::start_with(|c| {
+        write_definition(
+            c,
+            "deb",
+            &root,
+            &format!("ephemeral = true\n{NO_NET}{resources}"),
+        )
+    });
     start(&h, "deb");
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let options = args.run_options();
     let config = match args.manager_config() {
         Ok(config) => config,
         Err(error) => {
@@ -46,7 +47,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(rmachines::daemon::run(config)) {
+    match runtime.block_on(rmachines::daemon::run_with(config, options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");

@@ -94,7 +94,11 @@ where
 
 /// Starts `name`; with `block`, waits until it is `running` and fails with
 /// the machine's error if it ends up `failed` or `stopped` instead.
-async fn start(manager: &ManagerProxy<'static>, name: &str, block: bool) -> Result<(), CliError> {
+pub(crate) async fn start(
+    manager: &ManagerProxy<'static>,
+    name: &str,
+    block: bool,
+) -> Result<(), CliError> {
     // Subscribe before calling Start, or a quick machine's change is missed.
     let mut changes = if block {
         Some(

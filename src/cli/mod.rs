@@ -1,7 +1,11 @@
 //! `rmachinectl`: the command-line client. It talks to rmachined only over
 //! D-Bus, through the proxies in [`crate::dbus::proxy`].
 
+mod copy;
+mod create;
+mod image;
 mod lifecycle;
+mod logs;
 mod query;
 mod remote;
 mod shell;
@@ -47,9 +51,20 @@ enum Command {
     Restart(lifecycle::RestartOptions),
     /// Run a shell or a command inside a machine.
     Shell(shell::ShellOptions),
+    /// Copy a file or a tree into or out of a running machine.
+    Cp(copy::CopyOptions),
+    /// Print a machine's console output.
+    Logs(logs::LogsOptions),
     /// Make rmachined re-read the machine definitions; a running machine
     /// whose [resources] changed gets the new limits at once.
     Reload,
+    /// Manage images: import, list, remove.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Define a machine made from an image (copies nothing).
+    Create(create::CreateOptions),
+    /// Delete stopped machines' definitions and writable layers.
+    Remove(create::RemoveOptions),
 }
 
 /// The "Remote hosts" part of `--help` and rmachinectl(1).
@@ -112,6 +127,14 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         None => Connection::system().await.map_err(CliError::Connect)?,
         Some(host) => {
             let _ = REMOTE_HOST.set(host.to_string());
+            if matches!(cli.command, Command::Cp(_)) {
+                return Err(CliError::Failed(
+                    "cp copies between this host's files and a machine, so it does not take -H; \
+                     over ssh, pipe a tar stream instead: \
+                     `tar c DIR | rmachinectl -H HOST shell -T NAME -- tar x -C /dest`"
+                        .into(),
+                ));
+            }
             if cli.command.passes_descriptors() {
                 let verb_args = remote::verb_args(std::env::args_os());
                 let terminal = remote::terminal_for(&verb_args);
@@ -133,6 +156,11 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Stop(options) => options.run(&manager).await,
         Command::Restart(options) => options.run(&manager).await,
         Command::Shell(options) => options.run(&manager).await,
+        Command::Cp(options) => options.run(&manager).await,
+        Command::Logs(options) => options.run(&manager).await,
+        Command::Image(command) => command.run(&manager).await,
+        Command::Create(options) => options.run(&manager).await,
+        Command::Remove(options) => options.run(&manager).await,
         Command::Reload => {
             manager.reload().await?;
             Ok(0)
@@ -145,7 +173,7 @@ impl Command {
     /// descriptors cannot cross ssh, so with `-H` the remote rmachinectl
     /// runs them.
     fn passes_descriptors(&self) -> bool {
-        matches!(self, Command::Shell(_))
+        matches!(self, Command::Shell(_) | Command::Logs(_))
     }
 }
 

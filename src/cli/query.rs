@@ -257,7 +257,7 @@ fn leader_text(leader: u32) -> String {
 }
 
 /// Realtime microseconds as `YYYY-MM-DD HH:MM:SS UTC`; empty for 0.
-fn since_text(since: u64) -> String {
+pub(crate) fn since_text(since: u64) -> String {
     if since == 0 {
         return String::new();
     }

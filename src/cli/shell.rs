@@ -1,4 +1,7 @@
-//! `shell`: runs a command in a machine on a pty and relays the terminal.
+//! `shell`: runs a command in a machine, on a pty whose terminal it relays
+//! (`Shell`) when stdin and stdout are terminals or with `-t`, else (or with
+//! `-T`) with rmachinectl's own stdin, stdout and stderr (`Execute`): the
+//! bytes then go straight between the caller's files and the command.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -17,9 +20,18 @@ use super::CliError;
 use crate::dbus::proxy::ManagerProxy;
 
 #[derive(Debug, Args)]
+#[command(after_long_help = SHELL_NOTES)]
 pub(crate) struct ShellOptions {
     /// The machine.
     name: String,
+    /// Always run the command on a pty (as when stdin and stdout are
+    /// terminals).
+    #[arg(short = 't', long = "tty", conflicts_with = "no_tty")]
+    tty: bool,
+    /// Never use a pty: the command gets rmachinectl's own stdin, stdout and
+    /// stderr (the default unless both stdin and stdout are terminals).
+    #[arg(short = 'T', long = "no-tty")]
+    no_tty: bool,
     /// The user inside the machine (name or uid); default root.
     #[arg(long, value_name = "USER", default_value = "")]
     uid: String,
@@ -31,6 +43,32 @@ pub(crate) struct ShellOptions {
     command: Vec<String>,
 }
 
+/// The extra section of `rmachinectl-shell(1)`.
+const SHELL_NOTES: &str = "\
+Without a terminal on both stdin and stdout (or with -T), the command gets \
+rmachinectl's own stdin, stdout and stderr through the Manager's Execute \
+method: bytes arrive exactly, stderr stays apart, end of file and SIGPIPE \
+behave as in a local pipe. With -t (or two terminals) it runs on a pty \
+(Shell) whose terminal rmachinectl relays in raw mode. The exit status is \
+the command's, 128+N for signal N. If rmachinectl ends first (Ctrl-C, \
+timeout), rmachined hangs the command up.
+
+Limits: at most 8192 arguments, 4096 environment entries, 131071 bytes \
+each, 1 MiB in all (org.rmachines1.TooLarge).
+
+The same without rmachinectl, through D-Bus (busctl passes its own fds \
+0, 1 and 2, from systemd 257 on; the session's end and exit status come \
+as the ShellExited signal):
+
+    busctl call org.rmachines1 /org/rmachines1 org.rmachines1.Manager \\
+        Execute ssasashhh web \"\" 2 /bin/echo hello 0 0 1 2
+
+Examples:
+
+    pg_dump db | rmachinectl shell web -- psql
+    tar c . | rmachinectl shell web -- tar x -C /srv
+    rmachinectl shell -t web -- top";
+
 /// How often the output relay looks at whether the session has ended.
 const DRAIN_POLL_MS: u16 = 100;
 
@@ -40,6 +78,11 @@ impl ShellOptions {
             return Err(CliError::Failed(format!(
                 "--setenv wants KEY=VALUE, not {entry:?}"
             )));
+        }
+        let use_pty =
+            self.tty || (!self.no_tty && terminal::stdin_is_tty() && terminal::stdout_is_tty());
+        if !use_pty {
+            return self.run_direct(manager).await;
         }
         let interactive = terminal::stdin_is_tty();
         let mut environment = self.setenv.clone();
@@ -60,9 +103,13 @@ impl ShellOptions {
 
         let command: Vec<&str> = self.command.iter().map(String::as_str).collect();
         let environment: Vec<&str> = environment.iter().map(String::as_str).collect();
-        let (pty, session) = manager
-            .shell(&self.name, &self.uid, &command, &environment)
-            .await?;
+        // The call itself may wait (polkit asks a person): signals end it too.
+        let (pty, session) = tokio::select! {
+            reply = manager.shell(&self.name, &self.uid, &command, &environment) => reply?,
+            _ = hangup.recv() => return Ok(128 + libc::SIGHUP),
+            _ = terminate.recv() => return Ok(128 + libc::SIGTERM),
+            _ = interrupt.recv() => return Ok(128 + libc::SIGINT),
+        };
         let pty: OwnedFd = pty.into();
 
         let (_raw_mode, eof_char) = if interactive {
@@ -118,6 +165,93 @@ impl ShellOptions {
                 _ = terminate.recv() => return Ok(128 + libc::SIGTERM),
                 _ = interrupt.recv() => return Ok(128 + libc::SIGINT),
             }
+        }
+    }
+}
+
+impl ShellOptions {
+    /// `Execute` with our own stdin, stdout and stderr.
+    async fn run_direct(&self, manager: &ManagerProxy<'static>) -> Result<i32, CliError> {
+        let command: Vec<&str> = self.command.iter().map(String::as_str).collect();
+        let environment: Vec<&str> = self.setenv.iter().map(String::as_str).collect();
+        let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+        execute(
+            manager,
+            &self.name,
+            &self.uid,
+            &command,
+            &environment,
+            [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()],
+        )
+        .await
+    }
+}
+
+/// Runs `command` in machine `name` through `Execute` with `stdio` as its
+/// fd 0, 1 and 2 and returns its exit status (128+N for signal N) once
+/// `ShellExited` reports it. SIGHUP, SIGTERM and SIGINT end the wait (also
+/// while the call is pending) with 128+N; rmachined then hangs the command
+/// up, since our connection is gone.
+pub(crate) async fn execute(
+    manager: &ManagerProxy<'static>,
+    name: &str,
+    user: &str,
+    command: &[&str],
+    environment: &[&str],
+    stdio: [std::os::fd::BorrowedFd<'_>; 3],
+) -> Result<i32, CliError> {
+    // Subscribed before the call: a quick command may end before the reply
+    // arrives, so its ShellExited may come first.
+    let mut exits = manager.receive_shell_exited().await?;
+    let mut owner = manager.inner().receive_owner_changed().await?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let [stdin, stdout, stderr] = stdio;
+    let call = manager.execute(
+        name,
+        user,
+        command,
+        environment,
+        stdin.into(),
+        stdout.into(),
+        stderr.into(),
+    );
+    tokio::pin!(call);
+    let mut early = Vec::new();
+    let lost = || CliError::Failed("lost the bus before the command ended".into());
+    let session = loop {
+        tokio::select! {
+            reply = &mut call => break reply?,
+            signal = exits.next() => {
+                let args = signal.ok_or_else(lost)?.args().map(|a| (*a.session(), *a.status()))?;
+                early.push(args);
+            }
+            _ = hangup.recv() => return Ok(128 + libc::SIGHUP),
+            _ = terminate.recv() => return Ok(128 + libc::SIGTERM),
+            _ = interrupt.recv() => return Ok(128 + libc::SIGINT),
+        }
+    };
+    if let Some((_, status)) = early.iter().find(|(s, _)| *s == session) {
+        return Ok(exit_code(*status));
+    }
+    loop {
+        tokio::select! {
+            signal = exits.next() => {
+                let (exited, status) =
+                    signal.ok_or_else(lost)?.args().map(|a| (*a.session(), *a.status()))?;
+                if exited == session {
+                    return Ok(exit_code(status));
+                }
+            }
+            change = owner.next() => {
+                if matches!(change, Some(None) | None) {
+                    return Err(CliError::Failed("rmachined left the bus before the command ended".into()));
+                }
+            }
+            _ = hangup.recv() => return Ok(128 + libc::SIGHUP),
+            _ = terminate.recv() => return Ok(128 + libc::SIGTERM),
+            _ = interrupt.recv() => return Ok(128 + libc::SIGINT),
         }
     }
 }

@@ -39,6 +39,11 @@ pub(crate) fn stdin_is_tty() -> bool {
     std::io::stdin().is_terminal()
 }
 
+pub(crate) fn stdout_is_tty() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal()
+}
+
 /// Copies the window size of terminal `from` to the pty `to`.
 pub(crate) fn copy_window_size(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> nix::Result<()> {
     use std::os::fd::AsRawFd;

@@ -1,6 +1,7 @@
 //! The errors the daemon returns on the bus, named `org.rmachines1.<Variant>`.
 //! Each carries a sentence a person can act on.
 
+use crate::image::ImageError;
 use crate::manager::ManagerError;
 
 #[derive(Debug, zbus::DBusError)]
@@ -15,7 +16,16 @@ pub enum Error {
     AccessDenied(String),
     InvalidArgument(String),
     NoSuchUser(String),
+    /// A command or environment beyond the documented limits.
+    TooLarge(String),
+    /// The caller's bus connection cannot carry Unix file descriptors.
+    FdPassingUnsupported(String),
     Failed(String),
+    NoSuchImage(String),
+    ImageExists(String),
+    ImageInUse(String),
+    InvalidImage(String),
+    MachineExists(String),
 }
 
 impl From<ManagerError> for Error {
@@ -31,6 +41,18 @@ impl From<ManagerError> for Error {
             ManagerError::NotRunning(_) => Error::NotRunning(message),
             ManagerError::NoSuchUser { .. } => Error::NoSuchUser(message),
             ManagerError::Failed { .. } | ManagerError::Io(_) => Error::Failed(message),
+            ManagerError::MachineExists(_) => Error::MachineExists(message),
+            ManagerError::Image(image) => match image {
+                ImageError::InvalidName(_) => Error::InvalidArgument(message),
+                ImageError::NoSuchImage(_) => Error::NoSuchImage(message),
+                ImageError::Exists(_) | ImageError::Busy(_) => Error::ImageExists(message),
+                ImageError::InUse { .. } => Error::ImageInUse(message),
+                ImageError::Escape(_)
+                | ImageError::Archive(_)
+                | ImageError::Oci(_)
+                | ImageError::Unsupported(_) => Error::InvalidImage(message),
+                ImageError::Io { .. } => Error::Failed(message),
+            },
         }
     }
 }
@@ -81,6 +103,30 @@ mod tests {
                 "org.rmachines1.Failed",
             ),
             (ManagerError::Io("io".into()), "org.rmachines1.Failed"),
+            (
+                ManagerError::MachineExists("x".into()),
+                "org.rmachines1.MachineExists",
+            ),
+            (
+                ImageError::NoSuchImage("x".into()).into(),
+                "org.rmachines1.NoSuchImage",
+            ),
+            (
+                ImageError::Exists("x".into()).into(),
+                "org.rmachines1.ImageExists",
+            ),
+            (
+                ImageError::InUse {
+                    name: "x".into(),
+                    machines: "a".into(),
+                }
+                .into(),
+                "org.rmachines1.ImageInUse",
+            ),
+            (
+                ImageError::Escape("../x".into()).into(),
+                "org.rmachines1.InvalidImage",
+            ),
         ];
         for (manager_error, name) in cases {
             let sentence = manager_error.to_string();

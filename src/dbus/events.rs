@@ -74,6 +74,10 @@ impl Forwarder {
             }
             Event::MachineAdded { name } => self.add(&name).await,
             Event::MachineRemoved { name } => self.remove(&name).await,
+            Event::ImportProgress { name, done, total } => {
+                let emitter = SignalEmitter::new(&self.connection, MANAGER_PATH)?;
+                ManagerObject::import_progress(&emitter, &name, done, total).await
+            }
         }
     }
 

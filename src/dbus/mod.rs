@@ -17,7 +17,7 @@ pub mod introspection;
 pub(crate) mod machine;
 pub(crate) mod manager;
 pub mod proxy;
-mod validate;
+pub(crate) mod validate;
 
 use zbus::zvariant::{ObjectPath, OwnedObjectPath};
 use zbus::Connection;

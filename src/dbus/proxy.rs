@@ -6,6 +6,10 @@ use zbus::zvariant::{OwnedFd, OwnedObjectPath};
 /// One entry of `List`: name, state, leader PID, object path.
 pub type MachineEntry = (String, String, u32, OwnedObjectPath);
 
+/// One entry of `ListImages`: name, format, bytes, import time (realtime
+/// µs), the machines that use it.
+pub type ImageEntry = (String, String, u64, u64, Vec<String>);
+
 #[zbus::proxy(
     interface = "org.rmachines1.Manager",
     default_service = "org.rmachines1",
@@ -28,7 +32,46 @@ pub trait Manager {
         environment: &[&str],
     ) -> zbus::Result<(OwnedFd, u32)>;
 
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        &self,
+        name: &str,
+        user: &str,
+        command: &[&str],
+        environment: &[&str],
+        stdin: zbus::zvariant::Fd<'_>,
+        stdout: zbus::zvariant::Fd<'_>,
+        stderr: zbus::zvariant::Fd<'_>,
+    ) -> zbus::Result<u32>;
+
+    fn open_console_log(&self, name: &str) -> zbus::Result<Vec<OwnedFd>>;
+
     fn reload(&self) -> zbus::Result<()>;
+
+    fn import_image(
+        &self,
+        name: &str,
+        source: zbus::zvariant::Fd<'_>,
+        format: &str,
+        reference: &str,
+    ) -> zbus::Result<(String, u64, u64, u64)>;
+
+    fn list_images(&self) -> zbus::Result<Vec<ImageEntry>>;
+
+    fn remove_image(&self, name: &str) -> zbus::Result<()>;
+
+    fn create_machine(
+        &self,
+        name: &str,
+        image: &str,
+        ephemeral: bool,
+        autostart: bool,
+    ) -> zbus::Result<OwnedObjectPath>;
+
+    fn remove_machine(&self, name: &str) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    fn import_progress(&self, name: String, done: u64, total: u64) -> zbus::Result<()>;
 
     #[zbus(signal)]
     fn state_changed(&self, name: String, state: String) -> zbus::Result<()>;

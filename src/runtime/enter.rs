@@ -2,16 +2,20 @@
 //! namespaces and its cgroup, as a user of the guest.
 //!
 //! The caller (possibly the multi-threaded daemon) resolves the user and then
-//! runs `rmachined __enter <spec-json>`: a fresh single-threaded process that
-//! can safely setns and fork. It joins the machine through a pidfd of init
+//! runs `rmachined __enter`: a fresh single-threaded process that can safely
+//! setns and fork. Its spec (command, environment) comes as JSON in a sealed
+//! memfd on fd 3, never on its argv, which every local user can read in
+//! `ps`; the helper makes itself non-dumpable before it reads it, so its
+//! `/proc/PID/fd/3` and memory stay closed to other users too. It joins the machine through a pidfd of init
 //! (one atomic setns for all namespaces), forks so the command is a member of
 //! the PID namespace, drops to the user and execs. It waits for the command
 //! and exits with its status (128+N for death by signal N).
 
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::Read;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -32,7 +36,7 @@ pub struct GuestUser {
     pub shell: String,
 }
 
-/// What `__enter` does, passed as JSON in its argument.
+/// What `__enter` does, passed as JSON on fd 3 ([`SPEC_FD`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EnterSpec {
     pub leader: i32,
@@ -44,10 +48,19 @@ pub struct EnterSpec {
     pub controlling_tty: bool,
 }
 
+/// The descriptor `__enter` reads its spec from.
+pub const SPEC_FD: RawFd = 3;
+
+/// Largest spec `__enter` reads (the bus boundary bounds command and
+/// environment well below this).
+const SPEC_LIMIT: u64 = 64 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EnterError {
     #[error("the machine has no user {0:?} in its /etc/passwd")]
     NoSuchUser(String),
+    #[error("the machine's user {user:?} has uid/gid {id}, outside the machine's id range 0..{size} (its [users] size); fix the guest's /etc/passwd or /etc/group")]
+    OutOfRange { user: String, id: u32, size: u32 },
     #[error("the machine's init (pid {0}) is gone")]
     NotRunning(i32),
     #[error(transparent)]
@@ -57,19 +70,21 @@ pub enum EnterError {
 fn read_guest_file(leader: i32, path: &str) -> Result<String, EnterError> {
     let root =
         File::open(format!("/proc/{leader}/root")).map_err(|_| EnterError::NotRunning(leader))?;
-    let fd = sys::open_in_root(root.as_fd(), Path::new(path), libc::O_RDONLY)
-        .map_err(RuntimeError::io(format!("opening the guest's {path}")))?;
-    let mut text = String::new();
-    File::from(fd)
-        .read_to_string(&mut text)
-        .map_err(RuntimeError::io(format!("reading the guest's {path}")))?;
-    Ok(text)
+    super::guestfile::read_text(root.as_fd(), Path::new(path), super::guestfile::ACCOUNTS)
+        .map_err(|e| EnterError::Runtime(e.into()))
 }
 
 /// Looks `user` (a name or a numeric uid; empty: root) up in the guest.
 pub fn resolve_user(leader: i32, user: &str) -> Result<GuestUser, EnterError> {
-    let user = if user.is_empty() { "root" } else { user };
     let passwd = read_guest_file(leader, "/etc/passwd")?;
+    let group = read_guest_file(leader, "/etc/group").unwrap_or_default();
+    parse_user(&passwd, &group, user)
+}
+
+/// Looks `user` (a name or a numeric uid; empty: root) up in the text of a
+/// guest's /etc/passwd and /etc/group (both the guest's to write).
+pub fn parse_user(passwd: &str, group: &str, user: &str) -> Result<GuestUser, EnterError> {
+    let user = if user.is_empty() { "root" } else { user };
     let entry = passwd
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
@@ -81,8 +96,7 @@ pub fn resolve_user(leader: i32, user: &str) -> Result<GuestUser, EnterError> {
         _ => return Err(EnterError::NoSuchUser(user.to_owned())),
     };
     let name = entry[0].to_owned();
-    let groups = read_guest_file(leader, "/etc/group")
-        .unwrap_or_default()
+    let groups = group
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .filter(|f| f.len() >= 4 && f[3].split(',').any(|m| m == name))
@@ -102,15 +116,33 @@ pub fn resolve_user(leader: i32, user: &str) -> Result<GuestUser, EnterError> {
     })
 }
 
+/// Refuses a guest user whose uid, gid or groups fall outside the machine's
+/// range: the host id `base + id` would belong to another machine (or
+/// overflow), and the guest's passwd is the guest's to write.
+pub fn check_ids(user: &GuestUser, size: u32) -> Result<(), EnterError> {
+    let ids = [user.uid, user.gid]
+        .into_iter()
+        .chain(user.groups.iter().copied());
+    match ids.into_iter().find(|id| *id >= size) {
+        Some(id) => Err(EnterError::OutOfRange {
+            user: user.name.clone(),
+            id,
+            size,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The environment a shell gets: TERM, HOME, USER, LOGNAME, SHELL, PATH, then
-/// the caller's `K=V` entries (which win).
+/// the caller's `K=V` entries (which win; of several with one key, the last).
+/// Linear in the number of entries.
 pub fn environment(user: &GuestUser, term: &str, extra: &[String]) -> Vec<String> {
     let path = if user.uid == 0 {
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     } else {
         "/usr/local/bin:/usr/bin:/bin"
     };
-    let mut env = vec![
+    let defaults = [
         format!("TERM={term}"),
         format!("HOME={}", user.home),
         format!("USER={}", user.name),
@@ -119,12 +151,16 @@ pub fn environment(user: &GuestUser, term: &str, extra: &[String]) -> Vec<String
         format!("PATH={path}"),
         "container=rmachines".to_owned(),
     ];
-    for entry in extra {
-        let key = entry.split('=').next().unwrap_or_default();
-        env.retain(|e| e.split('=').next() != Some(key));
-        env.push(entry.clone());
+    let key = |entry: &str| entry.split('=').next().unwrap_or_default().to_owned();
+    let mut position = std::collections::HashMap::new();
+    let mut env: Vec<Option<String>> = Vec::with_capacity(defaults.len() + extra.len());
+    for entry in defaults.into_iter().chain(extra.iter().cloned()) {
+        if let Some(old) = position.insert(key(&entry), env.len()) {
+            env[old] = None;
+        }
+        env.push(Some(entry));
     }
-    env
+    env.into_iter().flatten().collect()
 }
 
 /// Builds the `__enter` command for `argv` (empty: the user's login shell).
@@ -138,6 +174,7 @@ pub fn command(
     extra_env: &[String],
 ) -> Result<Command, EnterError> {
     let user = resolve_user(leader as i32, user)?;
+    check_ids(&user, plan.ids.size)?;
     let spec = EnterSpec {
         leader: leader as i32,
         cgroup: plan.cgroup.clone(),
@@ -146,24 +183,78 @@ pub fn command(
         user,
         controlling_tty: false,
     };
-    Ok(spec_command(helper, &spec))
+    Ok(spec_command(helper, &spec)?)
 }
 
-pub fn spec_command(helper: &Path, spec: &EnterSpec) -> Command {
+/// The `__enter` command for `spec`: the spec goes in a sealed memfd that
+/// becomes the helper's fd 3. The caller sets stdio and spawns it.
+pub fn spec_command(helper: &Path, spec: &EnterSpec) -> Result<Command, RuntimeError> {
+    let json = serde_json::to_vec(spec)
+        .map_err(|e| RuntimeError::Child(format!("encoding the enter spec: {e}")))?;
+    let memfd = nix::sys::memfd::memfd_create(
+        c"rmachines-enter-spec",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC
+            | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| RuntimeError::io("memfd_create for the enter spec")(e.into()))?;
+    let mut file = File::from(memfd);
+    file.write_all(&json)
+        .and_then(|()| file.rewind())
+        .map_err(RuntimeError::io("writing the enter spec"))?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    nix::fcntl::fcntl(
+        file.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::from_bits_truncate(seals)),
+    )
+    .map_err(|e| RuntimeError::io("sealing the enter spec")(e.into()))?;
+    let spec_fd = OwnedFd::from(file);
     let mut command = Command::new(helper);
-    command
-        .arg("__enter")
-        .arg(serde_json::to_string(spec).unwrap_or_default())
-        .env_clear();
-    command
+    command.arg("__enter").env_clear();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls dup2(2) and fcntl(2), which are async-signal-safe; `spec_fd`
+    // is open (moved into the closure, it lives as long as the Command).
+    unsafe {
+        command.pre_exec(move || {
+            let raw = spec_fd.as_raw_fd();
+            if raw == SPEC_FD {
+                // dup2 onto itself keeps FD_CLOEXEC: clear it instead.
+                if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, SPEC_FD) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    Ok(command)
 }
 
-/// `rmachined __enter <spec-json>`.
-pub fn main(args: &[String]) -> i32 {
-    let spec: EnterSpec = match args.first().map(|a| serde_json::from_str(a)) {
-        Some(Ok(spec)) => spec,
-        _ => {
-            eprintln!("usage: rmachined __enter SPEC-JSON");
+/// Reads the spec from fd 3 (see [`spec_command`]).
+fn read_spec() -> Result<EnterSpec, String> {
+    // SAFETY: fd 3 is the spec memfd `spec_command` placed there; nothing
+    // else in this fresh process owns it.
+    let file = unsafe { File::from_raw_fd(SPEC_FD) };
+    let mut json = Vec::new();
+    file.take(SPEC_LIMIT)
+        .read_to_end(&mut json)
+        .map_err(|e| format!("reading the spec on fd {SPEC_FD}: {e}"))?;
+    serde_json::from_slice(&json).map_err(|e| format!("parsing the spec on fd {SPEC_FD}: {e}"))
+}
+
+/// `rmachined __enter` (spec on fd 3).
+pub fn main(_args: &[String]) -> i32 {
+    // Before the spec is read: no other user may read this process.
+    if let Err(err) = sys::set_non_dumpable() {
+        eprintln!("rmachined: entering the machine: PR_SET_DUMPABLE: {err}");
+        return 127;
+    }
+    let spec = match read_spec() {
+        Ok(spec) => spec,
+        Err(err) => {
+            eprintln!(
+                "rmachined __enter: {err} (the daemon runs this helper; it takes no arguments)"
+            );
             return 2;
         }
     };
@@ -177,7 +268,6 @@ pub fn main(args: &[String]) -> i32 {
 }
 
 fn enter(spec: &EnterSpec) -> Result<i32, RuntimeError> {
-    sys::set_non_dumpable().map_err(RuntimeError::io("PR_SET_DUMPABLE"))?;
     let pidfd = sys::pidfd_open(spec.leader).map_err(RuntimeError::io(format!(
         "pidfd_open of the machine's init (pid {})",
         spec.leader
@@ -189,16 +279,29 @@ fn enter(spec: &EnterSpec) -> Result<i32, RuntimeError> {
     // period (20 ms here), which every shell would pay.
     // The machine's cgroup; if the guest made it a domain with controllers
     // (no process may live there) or it refuses us, the leader's own.
+    let helper = nix::unistd::getpid();
     let forked = cgroup_candidates(&spec.cgroup, spec.leader)
         .into_iter()
         .find_map(|dir| sys::clone3_fork(0, dir.as_fd()).ok());
     let child = match forked {
         Some(sys::Forked::Child) => {
+            // The daemon hangs a session up by killing this helper: the
+            // intermediate goes with it (and the command gets SIGHUP).
+            let code = if sys::set_parent_death_signal(libc::SIGKILL).is_err()
+                || nix::unistd::getppid() != helper
+            {
+                127
+            } else {
+                enter_namespaces(spec, pidfd)
+            };
             // SAFETY: leave the forked child without running the parent's
             // exit handlers.
-            unsafe { libc::_exit(enter_namespaces(spec, pidfd)) }
+            unsafe { libc::_exit(code) }
         }
-        Some(sys::Forked::Parent { pid, .. }) => Pid::from_raw(pid),
+        Some(sys::Forked::Parent { pid, .. }) => {
+            release_stdio();
+            Pid::from_raw(pid)
+        }
         // No cgroup takes us: enter from here, in our own cgroup.
         None => return Ok(enter_namespaces(spec, pidfd)),
     };
@@ -252,13 +355,29 @@ fn enter_namespaces(spec: &EnterSpec, pidfd: std::os::fd::OwnedFd) -> i32 {
                 // parent's exit handlers.
                 unsafe { libc::_exit(127) }
             }
-            ForkResult::Parent { child } => wait_exit_code(child),
+            ForkResult::Parent { child } => {
+                release_stdio();
+                wait_exit_code(child)
+            }
         }
     })();
     result.unwrap_or_else(|err| {
         eprintln!("rmachined: entering the machine: {err}");
         127
     })
+}
+
+/// A process that only waits lets go of the caller's descriptors, so the
+/// command alone holds them: the reader of its stdout sees end of file when
+/// the command closes it, as in a local pipe.
+fn release_stdio() {
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        for fd in 0..3 {
+            // SAFETY: dup2(2) onto the standard descriptors, which this
+            // process owns; `null` stays open across the calls.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
 }
 
 fn wait_exit_code(child: Pid) -> Result<i32, RuntimeError> {
@@ -287,9 +406,19 @@ fn exec_as_user(spec: &EnterSpec, program: &seccompiler::BpfProgram) -> RuntimeE
             .map_err(errno("setresgid"))?;
         nix::unistd::setresuid(user.uid.into(), user.uid.into(), user.uid.into())
             .map_err(errno("setresuid"))?;
+        // A session keyring of its own, not the daemon's.
+        sys::join_new_session_keyring()
+            .map_err(RuntimeError::io("joining a new session keyring"))?;
+        // After the credential change, which clears it (prctl(2)): the
+        // command is hung up when the helper above it dies.
+        sys::set_parent_death_signal(libc::SIGHUP).map_err(RuntimeError::io("PR_SET_PDEATHSIG"))?;
         if nix::unistd::chdir(Path::new(&user.home)).is_err() {
             nix::unistd::chdir("/").map_err(errno("chdir /"))?;
         }
+        // This helper ignores SIGPIPE (as every Rust program does): the
+        // command starts with the default dispositions, like one run from
+        // a shell, so `yes | head -1` ends.
+        sys::reset_signals().map_err(RuntimeError::io("resetting signal dispositions"))?;
         security::confine(program)?;
         let login_shell = spec.argv.is_empty();
         let argv: Vec<String> = if login_shell {

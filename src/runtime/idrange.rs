@@ -198,13 +198,21 @@ pub fn assign_range(
                 .filter(|range| range.end() <= u64::from(PICK_END) && conflict(*range).is_none());
             match registered {
                 Some(range) => range,
-                None => pick(name, users.size)
-                    .find(|range| conflict(*range).is_none())
-                    .ok_or_else(|| IdRangeError::Exhausted {
-                        machine: name.to_string(),
-                        size: users.size,
-                        registry: registry_path.clone(),
-                    })?,
+                None => {
+                    // A new range is also clear of every id a process on the
+                    // host runs with (another container manager's ranges,
+                    // ids nobody wrote down).
+                    let running = running_ids();
+                    pick(name, users.size).find(|range| {
+                        conflict(*range).is_none()
+                            && !running.iter().any(|id| range.overlaps(*id, *id + 1))
+                    })
+                }
+                .ok_or_else(|| IdRangeError::Exhausted {
+                    machine: name.to_string(),
+                    size: users.size,
+                    registry: registry_path.clone(),
+                })?,
             }
         }
     };
@@ -258,6 +266,44 @@ fn pick(name: &str, size: u32) -> impl Iterator<Item = IdRange> {
             size,
         }
     })
+}
+
+/// Every uid and gid (real, effective, saved, file system) a process on
+/// the host runs with.
+fn running_ids() -> Vec<u64> {
+    let mut ids = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return ids;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(status) = fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(rest) = line
+                .strip_prefix("Uid:")
+                .or_else(|| line.strip_prefix("Gid:"))
+            {
+                ids.extend(
+                    rest.split_whitespace()
+                        .filter_map(|id| id.parse::<u32>().ok())
+                        .filter(|id| !SHAREABLE_IDS.contains(id))
+                        .map(u64::from),
+                );
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// Ids the host already uses: sub-id ranges and the uids/gids of its users

@@ -5,7 +5,9 @@
 pub mod cgroup;
 pub mod cgroup_v1;
 pub mod container;
+pub mod devices;
 pub mod enter;
+pub mod guestfile;
 pub mod idrange;
 pub mod protocol;
 pub mod resources;
@@ -34,6 +36,10 @@ pub struct MachinePlan {
     /// Private networking; None for `mode = "none"` (only `lo`).
     #[serde(default)]
     pub network: Option<NetworkPlan>,
+    /// For a machine made from an image: `<storage-dir>/machines/<name>`,
+    /// its writable layer (`upper/`, `work/`), used unless it is ephemeral.
+    #[serde(default)]
+    pub layer: Option<PathBuf>,
 }
 
 impl MachinePlan {
@@ -48,6 +54,8 @@ pub mod paths {
     pub const STATE: &str = "state.json";
     pub const CONTROL: &str = "control";
     pub const CONSOLE_LOG: &str = "console.log";
+    /// The previous console log, after one rotation.
+    pub const CONSOLE_LOG_ROTATED: &str = "console.log.1";
     pub const SUPERVISOR_LOG: &str = "supervisor.log";
     /// Bind-mounted read-only at `/run/host` in the guest.
     pub const HOST_DIR: &str = "host";
@@ -92,8 +100,16 @@ pub enum RuntimeError {
     NoInit { root: PathBuf, command: String },
     #[error("cannot apply resources.{key}: {reason}")]
     Limit { key: String, reason: String },
+    #[error("machine root {root} is reachable by unprivileged host users ({open} and every directory above it can be searched by others), so a setuid file the guest makes would be theirs to run; run `chmod 0700 {suggest}` (a directory that holds the root), or set `allow_exposed_root = true` in the definition if every host user may be trusted with that")]
+    ExposedRoot {
+        root: PathBuf,
+        open: PathBuf,
+        suggest: PathBuf,
+    },
     #[error("the container's init failed before exec: {0}")]
     Child(String),
+    #[error(transparent)]
+    GuestFile(#[from] guestfile::GuestFileError),
     #[error(transparent)]
     IdRange(#[from] idrange::IdRangeError),
     #[error(transparent)]

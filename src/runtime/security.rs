@@ -1,10 +1,13 @@
 //! The capability bounding set and the seccomp filter every guest process
 //! runs under.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use caps::{CapSet, Capability};
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use std::os::fd::AsFd;
+
+use libseccomp::{ScmpAction, ScmpArch, ScmpFilterContext, ScmpSyscall};
+use seccompiler::BpfProgram;
 
 use super::{sys, RuntimeError};
 
@@ -40,57 +43,533 @@ pub const KEPT_CAPABILITIES: &[Capability] = &[
     Capability::CAP_SYS_TTY_CONFIG,
 ];
 
-/// System calls no container may make. `reboot` is not here: in a PID
-/// namespace it only ends the guest's init (SIGHUP: reboot, SIGINT: power off),
-/// which is how guest `poweroff` and `reboot` reach the supervisor.
-pub const DENIED_SYSCALLS: &[(&str, libc::c_long)] = &[
-    ("kexec_load", libc::SYS_kexec_load),
-    ("kexec_file_load", libc::SYS_kexec_file_load),
-    ("init_module", libc::SYS_init_module),
-    ("finit_module", libc::SYS_finit_module),
-    ("delete_module", libc::SYS_delete_module),
-    ("swapon", libc::SYS_swapon),
-    ("swapoff", libc::SYS_swapoff),
-    ("acct", libc::SYS_acct),
-    ("iopl", libc::SYS_iopl),
-    ("ioperm", libc::SYS_ioperm),
-    ("open_by_handle_at", libc::SYS_open_by_handle_at),
-    ("lookup_dcookie", libc::SYS_lookup_dcookie),
-    ("syslog", libc::SYS_syslog),
-    ("quotactl", libc::SYS_quotactl),
-    ("settimeofday", libc::SYS_settimeofday),
-    ("clock_settime", libc::SYS_clock_settime),
-    ("clock_adjtime", libc::SYS_clock_adjtime),
-    ("adjtimex", libc::SYS_adjtimex),
-    ("vhangup", libc::SYS_vhangup),
+/// System calls a machine may make, in the spirit of systemd-nspawn's
+/// allow-list (`nspawn-seccomp.c`): the ordinary process, file, network,
+/// IPC, signal, time-reading and memory calls, plus what a container's
+/// root uses inside its own namespaces (mount API, namespaces, hostname,
+/// chroot) and what the kept capabilities cover (ptrace with
+/// CAP_SYS_PTRACE, scheduling and memory policy with CAP_SYS_NICE, reboot
+/// with CAP_SYS_BOOT: in a PID namespace it only ends the guest's init,
+/// which is how guest `poweroff` and `reboot` reach the supervisor).
+/// Names unknown to an architecture are skipped for it.
+pub const ALLOWED_SYSCALLS: &[&str] = &[
+    // process
+    "arch_prctl",
+    "capget",
+    "capset",
+    "clone",
+    "clone3",
+    "execve",
+    "execveat",
+    "exit",
+    "exit_group",
+    "fork",
+    "getpgid",
+    "getpgrp",
+    "getpid",
+    "getppid",
+    "getsid",
+    "gettid",
+    "kill",
+    "pidfd_open",
+    "pidfd_send_signal",
+    "prctl",
+    "prlimit64",
+    "getrlimit",
+    "setrlimit",
+    "ugetrlimit",
+    "getrusage",
+    "personality",
+    "rseq",
+    "set_tid_address",
+    "set_thread_area",
+    "get_thread_area",
+    "setpgid",
+    "setsid",
+    "tgkill",
+    "tkill",
+    "vfork",
+    "wait4",
+    "waitid",
+    "waitpid",
+    "seccomp",
+    "restart_syscall",
+    "getcpu",
+    "times",
+    "uname",
+    "sysinfo",
+    "getrandom",
+    "get_robust_list",
+    "set_robust_list",
+    "membarrier",
+    "landlock_add_rule",
+    "landlock_create_ruleset",
+    "landlock_restrict_self",
+    "map_shadow_stack",
+    "process_mrelease",
+    "ioprio_get",
+    "ioprio_set",
+    "getpriority",
+    "setpriority",
+    "sched_getaffinity",
+    "sched_getattr",
+    "sched_getparam",
+    "sched_get_priority_max",
+    "sched_get_priority_min",
+    "sched_getscheduler",
+    "sched_rr_get_interval",
+    "sched_rr_get_interval_time64",
+    "sched_setaffinity",
+    "sched_setattr",
+    "sched_setparam",
+    "sched_setscheduler",
+    "sched_yield",
+    // credentials (inside the user namespace)
+    "getegid",
+    "getegid32",
+    "geteuid",
+    "geteuid32",
+    "getgid",
+    "getgid32",
+    "getgroups",
+    "getgroups32",
+    "getresgid",
+    "getresgid32",
+    "getresuid",
+    "getresuid32",
+    "getuid",
+    "getuid32",
+    "setfsgid",
+    "setfsgid32",
+    "setfsuid",
+    "setfsuid32",
+    "setgid",
+    "setgid32",
+    "setgroups",
+    "setgroups32",
+    "setregid",
+    "setregid32",
+    "setresgid",
+    "setresgid32",
+    "setresuid",
+    "setresuid32",
+    "setreuid",
+    "setreuid32",
+    "setuid",
+    "setuid32",
+    // files
+    "access",
+    "chdir",
+    "chmod",
+    "chown",
+    "chown32",
+    "close",
+    "close_range",
+    "copy_file_range",
+    "creat",
+    "dup",
+    "dup2",
+    "dup3",
+    "faccessat",
+    "faccessat2",
+    "fadvise64",
+    "fadvise64_64",
+    "fallocate",
+    "fchdir",
+    "fchmod",
+    "fchmodat",
+    "fchmodat2",
+    "fchown",
+    "fchown32",
+    "fchownat",
+    "fcntl",
+    "fcntl64",
+    "fdatasync",
+    "fgetxattr",
+    "flistxattr",
+    "flock",
+    "fremovexattr",
+    "fsetxattr",
+    "fstat",
+    "fstat64",
+    "fstatat64",
+    "fstatfs",
+    "fstatfs64",
+    "fsync",
+    "ftruncate",
+    "ftruncate64",
+    "futimesat",
+    "getcwd",
+    "getdents",
+    "getdents64",
+    "getxattr",
+    "inotify_add_watch",
+    "inotify_init",
+    "inotify_init1",
+    "inotify_rm_watch",
+    "ioctl",
+    "lchown",
+    "lchown32",
+    "lgetxattr",
+    "link",
+    "linkat",
+    "listxattr",
+    "llistxattr",
+    "_llseek",
+    "lremovexattr",
+    "lseek",
+    "lsetxattr",
+    "lstat",
+    "lstat64",
+    "memfd_create",
+    "mkdir",
+    "mkdirat",
+    "mknod",
+    "mknodat",
+    "name_to_handle_at",
+    "newfstatat",
+    "open",
+    "openat",
+    "openat2",
+    "pipe",
+    "pipe2",
+    "pread64",
+    "preadv",
+    "preadv2",
+    "pwrite64",
+    "pwritev",
+    "pwritev2",
+    "read",
+    "readahead",
+    "readlink",
+    "readlinkat",
+    "readv",
+    "removexattr",
+    "rename",
+    "renameat",
+    "renameat2",
+    "rmdir",
+    "sendfile",
+    "sendfile64",
+    "setxattr",
+    "splice",
+    "stat",
+    "stat64",
+    "statfs",
+    "statfs64",
+    "statx",
+    "symlink",
+    "symlinkat",
+    "sync",
+    "sync_file_range",
+    "syncfs",
+    "tee",
+    "truncate",
+    "truncate64",
+    "umask",
+    "unlink",
+    "unlinkat",
+    "utime",
+    "utimensat",
+    "utimensat_time64",
+    "utimes",
+    "vmsplice",
+    "write",
+    "writev",
+    "cachestat",
+    // I/O events and asynchronous I/O
+    "epoll_create",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_ctl_old",
+    "epoll_pwait",
+    "epoll_pwait2",
+    "epoll_wait",
+    "epoll_wait_old",
+    "eventfd",
+    "eventfd2",
+    "poll",
+    "ppoll",
+    "ppoll_time64",
+    "pselect6",
+    "pselect6_time64",
+    "select",
+    "_newselect",
+    "signalfd",
+    "signalfd4",
+    "timerfd_create",
+    "timerfd_gettime",
+    "timerfd_gettime64",
+    "timerfd_settime",
+    "timerfd_settime64",
+    "io_cancel",
+    "io_destroy",
+    "io_getevents",
+    "io_pgetevents",
+    "io_pgetevents_time64",
+    "io_setup",
+    "io_submit",
+    // memory
+    "brk",
+    "madvise",
+    "mincore",
+    "mlock",
+    "mlock2",
+    "mlockall",
+    "mmap",
+    "mmap2",
+    "mprotect",
+    "mremap",
+    "msync",
+    "munlock",
+    "munlockall",
+    "munmap",
+    "pkey_alloc",
+    "pkey_free",
+    "pkey_mprotect",
+    "remap_file_pages",
+    "memfd_secret",
+    "mseal",
+    "get_mempolicy",
+    "set_mempolicy",
+    "set_mempolicy_home_node",
+    "mbind",
+    "migrate_pages",
+    "move_pages",
+    "process_madvise",
+    // signals and time (reading it, sleeping, timers)
+    "alarm",
+    "getitimer",
+    "setitimer",
+    "pause",
+    "rt_sigaction",
+    "rt_sigpending",
+    "rt_sigprocmask",
+    "rt_sigqueueinfo",
+    "rt_sigreturn",
+    "rt_sigsuspend",
+    "rt_sigtimedwait",
+    "rt_sigtimedwait_time64",
+    "rt_tgsigqueueinfo",
+    "sigaction",
+    "sigaltstack",
+    "signal",
+    "sigpending",
+    "sigprocmask",
+    "sigreturn",
+    "sigsuspend",
+    "clock_getres",
+    "clock_getres_time64",
+    "clock_gettime",
+    "clock_gettime64",
+    "clock_nanosleep",
+    "clock_nanosleep_time64",
+    "gettimeofday",
+    "nanosleep",
+    "time",
+    "timer_create",
+    "timer_delete",
+    "timer_getoverrun",
+    "timer_gettime",
+    "timer_gettime64",
+    "timer_settime",
+    "timer_settime64",
+    "futex",
+    "futex_time64",
+    "futex_waitv",
+    "futex_wait",
+    "futex_wake",
+    "futex_requeue",
+    // network
+    "accept",
+    "accept4",
+    "bind",
+    "connect",
+    "getpeername",
+    "getsockname",
+    "getsockopt",
+    "listen",
+    "recv",
+    "recvfrom",
+    "recvmmsg",
+    "recvmmsg_time64",
+    "recvmsg",
+    "send",
+    "sendmmsg",
+    "sendmsg",
+    "sendto",
+    "setsockopt",
+    "shutdown",
+    "socket",
+    "socketcall",
+    "socketpair",
+    // System V and POSIX IPC (the machine's own IPC namespace)
+    "ipc",
+    "msgctl",
+    "msgget",
+    "msgrcv",
+    "msgsnd",
+    "semctl",
+    "semget",
+    "semop",
+    "semtimedop",
+    "semtimedop_time64",
+    "shmat",
+    "shmctl",
+    "shmdt",
+    "shmget",
+    "mq_getsetattr",
+    "mq_notify",
+    "mq_open",
+    "mq_timedreceive",
+    "mq_timedreceive_time64",
+    "mq_timedsend",
+    "mq_timedsend_time64",
+    "mq_unlink",
+    // a container's root in its own namespaces (CAP_SYS_ADMIN, CAP_SYS_CHROOT)
+    "chroot",
+    "pivot_root",
+    "mount",
+    "umount",
+    "umount2",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+    "setns",
+    "unshare",
+    "sethostname",
+    "setdomainname",
+    "statmount",
+    "listmount",
+    // CAP_SYS_PTRACE
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "pidfd_getfd",
+    // CAP_SYS_BOOT: ends the machine's init only
+    "reboot",
 ];
 
-/// Builds the filter: the denied calls fail with EPERM, all else is allowed.
+/// Calls refused with EPERM, not just left out (those get ENOSYS, so that
+/// a program falls back as on an older kernel): the host's kernel state,
+/// not namespaced, or a channel between machines.
+pub const REFUSED_SYSCALLS: &[&str] = &[
+    // the keyring is not namespaced: a channel to the host and between
+    // machines; request_key would run the host's /sbin/request-key
+    "add_key",
+    "keyctl",
+    "request_key",
+    // kernel programs, tracing and whole-system monitoring
+    "bpf",
+    "perf_event_open",
+    "fanotify_init",
+    "fanotify_mark",
+    "userfaultfd",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    // the host's kernel, devices, clock and accounting
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "swapon",
+    "swapoff",
+    "acct",
+    "iopl",
+    "ioperm",
+    "open_by_handle_at",
+    "lookup_dcookie",
+    "syslog",
+    "quotactl",
+    "quotactl_fd",
+    "settimeofday",
+    "clock_settime",
+    "clock_settime64",
+    "clock_adjtime",
+    "clock_adjtime64",
+    "adjtimex",
+    "vhangup",
+    "nfsservctl",
+    "uselib",
+    "ustat",
+    "sysfs",
+    "_sysctl",
+    "modify_ldt",
+    "vm86",
+    "vm86old",
+];
+
+/// Builds the filter with libseccomp: the native ABI and, on x86_64, the
+/// i386 one, each filtered by name (a 32-bit guest binary works as a 64-bit
+/// one does); x32 calls, and those of any other ABI, fail with ENOSYS.
 pub fn seccomp_program() -> Result<BpfProgram, RuntimeError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = DENIED_SYSCALLS
-        .iter()
-        .map(|(_, nr)| (*nr, Vec::new()))
-        .collect();
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|err| RuntimeError::Setup {
-        step: "building the seccomp filter".into(),
-        message: format!("unsupported architecture: {err}"),
-    })?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(|err| RuntimeError::Setup {
-        step: "building the seccomp filter".into(),
-        message: err.to_string(),
-    })?;
-    filter
-        .try_into()
-        .map_err(|err: seccompiler::BackendError| RuntimeError::Setup {
-            step: "compiling the seccomp filter".into(),
-            message: err.to_string(),
+    let err = |step: &str| {
+        let step = step.to_owned();
+        move |e: libseccomp::error::SeccompError| RuntimeError::Setup {
+            step,
+            message: e.to_string(),
+        }
+    };
+    let mut ctx = ScmpFilterContext::new(ScmpAction::Errno(libc::ENOSYS))
+        .map_err(err("creating the seccomp filter"))?;
+    // Installed by us without no_new_privs (see confine).
+    ctx.set_ctl_nnp(false)
+        .map_err(err("seccomp filter attributes"))?;
+    ctx.set_act_badarch(ScmpAction::Errno(libc::ENOSYS))
+        .map_err(err("seccomp filter attributes"))?;
+    if ScmpArch::native() == ScmpArch::X8664 {
+        ctx.add_arch(ScmpArch::X86)
+            .map_err(err("adding the i386 ABI to the seccomp filter"))?;
+    }
+    for (names, action) in [
+        (ALLOWED_SYSCALLS, ScmpAction::Allow),
+        (REFUSED_SYSCALLS, ScmpAction::Errno(libc::EPERM)),
+    ] {
+        for name in names {
+            // Unknown to this libseccomp, or to every ABI of the filter.
+            let Ok(call) = ScmpSyscall::from_name(name) else {
+                continue;
+            };
+            ctx.add_rule(action, call)
+                .map_err(err(&format!("adding {name} to the seccomp filter")))?;
+        }
+    }
+    let bytes = export(&ctx)?;
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|insn| seccompiler::sock_filter {
+            code: u16::from_ne_bytes([insn[0], insn[1]]),
+            jt: insn[2],
+            jf: insn[3],
+            k: u32::from_ne_bytes([insn[4], insn[5], insn[6], insn[7]]),
         })
+        .collect())
+}
+
+/// The filter as classic BPF (libseccomp 2.5 exports only to a descriptor).
+fn export(ctx: &ScmpFilterContext) -> Result<Vec<u8>, RuntimeError> {
+    use std::io::{Read, Seek};
+    let fd =
+        nix::sys::memfd::memfd_create(c"seccomp", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| RuntimeError::io("memfd for the seccomp filter")(e.into()))?;
+    ctx.export_bpf(fd.as_fd())
+        .map_err(|e| RuntimeError::Setup {
+            step: "exporting the seccomp filter".into(),
+            message: e.to_string(),
+        })?;
+    let mut file = std::fs::File::from(fd);
+    let mut bytes = Vec::new();
+    file.rewind()
+        .and_then(|_| file.read_to_end(&mut bytes))
+        .map_err(RuntimeError::io("reading the seccomp filter"))?;
+    Ok(bytes)
 }
 
 /// Drops every capability outside [`KEPT_CAPABILITIES`] from the bounding
@@ -132,15 +611,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn filter_compiles_and_denies_the_listed_calls() {
+    fn filter_compiles_allows_and_refuses_on_purpose() {
         let program = seccomp_program().expect("filter builds");
-        assert!(program.len() > DENIED_SYSCALLS.len());
-        let numbers: HashSet<i64> = DENIED_SYSCALLS.iter().map(|(_, nr)| *nr).collect();
-        assert_eq!(numbers.len(), DENIED_SYSCALLS.len(), "no call listed twice");
-        assert!(
-            !numbers.contains(&libc::SYS_reboot),
-            "reboot must stay allowed"
+        assert!(program.len() > ALLOWED_SYSCALLS.len() / 2);
+        let allowed: HashSet<&str> = ALLOWED_SYSCALLS.iter().copied().collect();
+        let refused: HashSet<&str> = REFUSED_SYSCALLS.iter().copied().collect();
+        assert_eq!(
+            allowed.len(),
+            ALLOWED_SYSCALLS.len(),
+            "no call listed twice"
         );
+        assert_eq!(
+            refused.len(),
+            REFUSED_SYSCALLS.len(),
+            "no call listed twice"
+        );
+        assert!(allowed.is_disjoint(&refused));
+        assert!(allowed.contains("reboot"), "reboot must stay allowed");
+        for call in ["keyctl", "add_key", "request_key", "bpf", "perf_event_open"] {
+            assert!(refused.contains(call), "{call}");
+        }
     }
 
     #[test]

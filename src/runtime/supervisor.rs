@@ -12,7 +12,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -34,6 +34,10 @@ use crate::definition::RestartPolicy;
 
 /// The control socket is handed to the supervisor as this descriptor.
 const LISTEN_FD: i32 = 3;
+/// A held supervisor (see [`launch_held`]) waits on this pipe.
+const HOLD_FD: i32 = 4;
+/// The argument after the machine directory that says so.
+const HELD_ARG: &str = "--held";
 /// How often a stop signal is re-checked until init has a handler for it.
 const STOP_TICK: Duration = Duration::from_millis(50);
 /// How often the stop signal is re-sent to an init that shows no handler.
@@ -41,6 +45,11 @@ const STOP_RESEND: Duration = Duration::from_secs(1);
 /// At most this many restarts (reboots, restart policy) within the window.
 const RESTART_BURST: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(10);
+/// console.log rotates to console.log.1 past this size: a guest writing
+/// to its console in a loop cannot fill the host's /run.
+pub const CONSOLE_LOG_MAX: u64 = 4 << 20;
+/// Console reads and notify messages handled per wakeup of the loop.
+const READS_PER_WAKEUP: usize = 64;
 
 /// A supervisor just launched: the launcher child (it exits at once, as the
 /// supervisor forks away from it; reap it) and a connection to the control
@@ -49,14 +58,42 @@ const RESTART_WINDOW: Duration = Duration::from_secs(10);
 pub struct Launched {
     pub child: Child,
     pub control: UnixStream,
+    /// The write end a held supervisor waits on; see [`Launched::release`].
+    pub hold: Option<File>,
+}
+
+impl Launched {
+    /// Lets a held supervisor go on: it reads its plan (as it is on disk
+    /// now) and boots. Dropping an unreleased `Launched` makes it exit.
+    pub fn release(&mut self) -> Result<(), RuntimeError> {
+        if let Some(mut hold) = self.hold.take() {
+            hold.write_all(b"1")
+                .map_err(RuntimeError::io("releasing the held supervisor"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Writes the plan, binds the control socket and starts
 /// `helper __supervise <machine-dir>` in a session of its own.
 pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeError> {
+    launch_inner(helper, plan, false)
+}
+
+/// Like [`launch`], but the process waits, before it reads its plan or
+/// forks, until [`Launched::release`]: time for the daemon to put it in a
+/// scope unit and rewrite the plan (see `crate::systemd`). `child.id()` is
+/// the process to move.
+pub fn launch_held(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeError> {
+    launch_inner(helper, plan, true)
+}
+
+fn launch_inner(helper: &Path, plan: &MachinePlan, held: bool) -> Result<Launched, RuntimeError> {
     let dir = &plan.machine_dir;
     fs::create_dir_all(dir).map_err(RuntimeError::io(format!("creating {}", dir.display())))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+    // Only root may reach a machine's state: its plan (environment), its
+    // console, its control socket.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .map_err(RuntimeError::io(format!("chmod {}", dir.display())))?;
     let plan_json = serde_json::to_vec_pretty(plan).map_err(|err| RuntimeError::Setup {
         step: "writing the plan".into(),
@@ -78,14 +115,25 @@ pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeErro
     let log = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(dir.join(paths::SUPERVISOR_LOG))
         .map_err(RuntimeError::io("opening the supervisor log"))?;
     let log_err = log.try_clone().map_err(RuntimeError::io("dup log"))?;
     let listen_raw = listener.as_raw_fd();
+    let (hold_read, hold_write) = if held {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| RuntimeError::io("creating the hold pipe")(e.into()))?;
+        (Some(read), Some(File::from(write)))
+    } else {
+        (None, None)
+    };
+    let hold_raw = hold_read.as_ref().map(|fd| fd.as_raw_fd());
     let mut command = ProcessCommand::new(helper);
+    command.arg("__supervise").arg(dir);
+    if held {
+        command.arg(HELD_ARG);
+    }
     command
-        .arg("__supervise")
-        .arg(dir)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
@@ -99,11 +147,27 @@ pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeErro
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
+            // Out of the way of LISTEN_FD first (a close-on-exec copy).
+            let hold_high = match hold_raw {
+                Some(raw) => {
+                    let high = libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 10);
+                    if high < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Some(high)
+                }
+                None => None,
+            };
             if listen_raw == LISTEN_FD {
                 let flags = libc::fcntl(LISTEN_FD, libc::F_GETFD);
                 libc::fcntl(LISTEN_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
             } else if libc::dup2(listen_raw, LISTEN_FD) < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if let Some(high) = hold_high {
+                if libc::dup2(high, HOLD_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -113,10 +177,28 @@ pub fn launch(helper: &Path, plan: &MachinePlan) -> Result<Launched, RuntimeErro
         helper.display()
     )))?;
     drop(listener);
+    drop(hold_read);
     Ok(Launched {
         child,
         control: client,
+        hold: hold_write,
     })
+}
+
+/// A held supervisor waits for the daemon's go: one byte on [`HOLD_FD`].
+/// End of file (the daemon gave up this start) means exit.
+fn wait_until_released() -> bool {
+    // SAFETY: HOLD_FD was handed to us by `launch_held`; we own it now.
+    let mut hold = unsafe { File::from_raw_fd(HOLD_FD) };
+    let mut byte = [0u8; 1];
+    loop {
+        match hold.read(&mut byte) {
+            Ok(1) => return true,
+            Ok(_) => return false,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RuntimeError> {
@@ -129,7 +211,15 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RuntimeError> {
 /// directory, the root mount point and the stale control socket. Called for
 /// machines no live supervisor answers for.
 pub fn remove_leftovers(machine_dir: &Path, name: &str) {
-    if let Ok(cgroup) = cgroup::machine_cgroup_path(name) {
+    // The planned cgroup (below a scope on a systemd host), and rmachined's own.
+    let planned = fs::read(machine_dir.join(paths::PLAN))
+        .ok()
+        .and_then(|data| serde_json::from_slice::<MachinePlan>(&data).ok())
+        .map(|plan| plan.cgroup);
+    for cgroup in planned
+        .into_iter()
+        .chain(cgroup::machine_cgroup_path(name).ok())
+    {
         if cgroup.exists() {
             tracing::info!(machine = name, cgroup = %cgroup.display(), "removing a dead supervisor's cgroup");
             if let Err(err) = cgroup::remove_machine_cgroup(&cgroup, Duration::from_secs(5)) {
@@ -158,6 +248,10 @@ pub fn main(args: &[String]) -> i32 {
         return 2;
     };
     let dir = PathBuf::from(dir);
+    if args.get(1).map(String::as_str) == Some(HELD_ARG) && !wait_until_released() {
+        eprintln!("rmachined supervisor: the daemon did not release this start; exiting");
+        return 1;
+    }
     let _ = tracing_subscriber::fmt()
         .with_writer(io::stderr)
         .with_ansi(false)
@@ -227,6 +321,8 @@ struct Supervisor {
     stop_requested: bool,
     restarts: Vec<Instant>,
     console_log: File,
+    /// Bytes in the current console log.
+    console_logged: u64,
 }
 
 struct Client {
@@ -246,6 +342,9 @@ impl Supervisor {
             Signal::SIGINT,
             Signal::SIGHUP,
             Signal::SIGPIPE,
+            // The stop of the machine's scope (crate::systemd); blocking it
+            // does not keep it from continuing a stopped process.
+            Signal::SIGCONT,
         ] {
             mask.add(sig);
         }
@@ -253,12 +352,7 @@ impl Supervisor {
             .map_err(|e| RuntimeError::io("blocking signals")(e.into()))?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
             .map_err(|e| RuntimeError::io("signalfd")(e.into()))?;
-        let console_log = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(plan.machine_dir.join(paths::CONSOLE_LOG))
-            .map_err(RuntimeError::io("opening the console log"))?;
+        let console_log = open_console_log(&plan.machine_dir)?;
         let status = Status {
             state: MachineState::Starting,
             leader: 0,
@@ -276,6 +370,7 @@ impl Supervisor {
             stop_requested: false,
             restarts: Vec::new(),
             console_log,
+            console_logged: 0,
         })
     }
 
@@ -346,7 +441,7 @@ impl Supervisor {
     fn boot_once(&mut self, host_dir: &Path) -> Result<Outcome, RuntimeError> {
         let kind = container::inspect_init(&self.plan)?;
         prepare_host_dir(&self.plan, host_dir)?;
-        let notify = bind_notify_socket(&host_dir.join(paths::NOTIFY))?;
+        let notify = bind_notify_socket(&host_dir.join(paths::NOTIFY), self.plan.ids.base)?;
         let console = open_console(self.plan.ids.base)?;
         fs::create_dir_all(self.dir().join(paths::ROOT_MOUNT))
             .map_err(RuntimeError::io("creating the root mount point"))?;
@@ -355,6 +450,7 @@ impl Supervisor {
         let res = BootResources {
             console_slave: &console.slave_path,
             host_dir,
+            init: kind,
         };
         let spawned = limited.and_then(|()| container::spawn(&self.plan, &res));
         let outcome = match spawned {
@@ -567,25 +663,54 @@ impl Supervisor {
         while let Ok(Some(info)) = self.signals.read_signal() {
             match info.ssi_signo as i32 {
                 libc::SIGTERM | libc::SIGINT => self.stop_requested = true,
+                signal if crate::systemd::is_scope_stop(signal, info.ssi_pid) => {
+                    tracing::info!(
+                        machine = self.plan.name(),
+                        "the machine's scope is stopping"
+                    );
+                    self.stop_requested = true;
+                }
                 _ => {}
             }
         }
     }
 
+    /// Reads what the console has, a bounded amount per wakeup so a guest
+    /// writing without pause cannot starve the rest of the loop.
     fn drain_console(&mut self, console: &Console, buf: &mut [u8]) {
-        loop {
+        for _ in 0..READS_PER_WAKEUP {
             match nix::unistd::read(console.master.as_raw_fd(), buf) {
                 Ok(0) => break,
-                Ok(n) => {
-                    let _ = self.console_log.write_all(&buf[..n]);
-                }
+                Ok(n) => self.log_console(&buf[..n]),
                 Err(_) => break,
             }
         }
     }
 
+    /// Appends to console.log; past [`CONSOLE_LOG_MAX`] bytes it becomes
+    /// console.log.1 (replacing the previous one) and a new log starts.
+    fn log_console(&mut self, data: &[u8]) {
+        if self.console_logged + data.len() as u64 > CONSOLE_LOG_MAX {
+            let log = self.dir().join(paths::CONSOLE_LOG);
+            let _ = fs::rename(&log, self.dir().join(paths::CONSOLE_LOG_ROTATED));
+            match open_console_log(self.dir()) {
+                Ok(file) => {
+                    self.console_log = file;
+                    self.console_logged = 0;
+                }
+                Err(err) => {
+                    tracing::warn!(machine = self.plan.name(), %err, "rotating the console log");
+                    return;
+                }
+            }
+        }
+        if self.console_log.write_all(data).is_ok() {
+            self.console_logged += data.len() as u64;
+        }
+    }
+
     fn read_notify(&mut self, notify: &UnixDatagram, leader: libc::pid_t, buf: &mut [u8]) {
-        loop {
+        for _ in 0..READS_PER_WAKEUP {
             let mut iov = [IoSliceMut::new(buf)];
             let mut space = nix::cmsg_space!(UnixCredentials, [i32; 16]);
             let Ok(msg) = recvmsg::<()>(
@@ -616,17 +741,8 @@ impl Supervisor {
                 tracing::debug!(sender, "ignoring notify message not from init");
                 continue;
             }
-            let text = String::from_utf8_lossy(&iov_bytes(buf, len)).into_owned();
-            for line in text.lines() {
-                match line {
-                    "READY=1" if self.status.state == MachineState::Starting => {
-                        self.set_status(MachineState::Running, leader as u32, String::new());
-                    }
-                    "STOPPING=1" if self.status.state != MachineState::Stopping => {
-                        self.set_status(MachineState::Stopping, leader as u32, String::new());
-                    }
-                    _ => {}
-                }
+            for next in notify_transitions(self.status.state, &iov_bytes(buf, len)) {
+                self.set_status(next, leader as u32, String::new());
             }
         }
     }
@@ -697,6 +813,25 @@ impl Supervisor {
     }
 }
 
+/// The states a notify message from init moves a machine in `state`
+/// through, in order: `READY=1` makes a starting machine running,
+/// `STOPPING=1` makes any machine not already stopping stopping; every
+/// other line (and invalid UTF-8) is ignored. The message is the guest's.
+pub fn notify_transitions(mut state: MachineState, message: &[u8]) -> Vec<MachineState> {
+    let text = String::from_utf8_lossy(message);
+    let mut states = Vec::new();
+    for line in text.lines() {
+        let next = match line {
+            "READY=1" if state == MachineState::Starting => MachineState::Running,
+            "STOPPING=1" if state != MachineState::Stopping => MachineState::Stopping,
+            _ => continue,
+        };
+        state = next;
+        states.push(next);
+    }
+    states
+}
+
 fn iov_bytes(buf: &[u8], len: usize) -> Vec<u8> {
     buf[..len.min(buf.len())].to_vec()
 }
@@ -727,6 +862,17 @@ fn signal_caught(pid: libc::pid_t, signal: libc::c_int) -> bool {
         .any(|mask| mask & bit != 0)
 }
 
+/// The console log is the guest's output: only root reads it.
+fn open_console_log(machine_dir: &Path) -> Result<File, RuntimeError> {
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(machine_dir.join(paths::CONSOLE_LOG))
+        .map_err(RuntimeError::io("opening the console log"))
+}
+
 fn prepare_host_dir(plan: &MachinePlan, host_dir: &Path) -> Result<(), RuntimeError> {
     fs::create_dir_all(host_dir)
         .map_err(RuntimeError::io(format!("creating {}", host_dir.display())))?;
@@ -751,12 +897,15 @@ fn prepare_host_dir(plan: &MachinePlan, host_dir: &Path) -> Result<(), RuntimeEr
     Ok(())
 }
 
-fn bind_notify_socket(path: &Path) -> Result<UnixDatagram, RuntimeError> {
+fn bind_notify_socket(path: &Path, guest_root: u32) -> Result<UnixDatagram, RuntimeError> {
     let _ = fs::remove_file(path);
     let sock = UnixDatagram::bind(path)
         .map_err(RuntimeError::io(format!("binding {}", path.display())))?;
-    // The guest's root is an unprivileged host uid: it must be able to send.
-    fs::set_permissions(path, fs::Permissions::from_mode(0o777))
+    // The guest's root (an unprivileged host uid) sends; its other users
+    // and the host's do not.
+    std::os::unix::fs::chown(path, Some(guest_root), Some(guest_root))
+        .map_err(RuntimeError::io("chown notify socket"))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
         .map_err(RuntimeError::io("chmod notify socket"))?;
     setsockopt(&sock, sockopt::PassCred, &true)
         .map_err(|e| RuntimeError::io("SO_PASSCRED")(e.into()))?;

@@ -147,6 +147,9 @@ pub fn move_mount_to_fd(tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Res
     check(ret).map(|_| ())
 }
 
+/// How often [`open_in_root`] retries an `EAGAIN` from openat2.
+const OPENAT2_RETRIES: u32 = 1000;
+
 /// `openat2(dir, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`: opens
 /// `path` as if `dir` were the root, so a guest's symlinks cannot lead outside.
 pub fn open_in_root(dir: BorrowedFd<'_>, path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
@@ -161,17 +164,27 @@ pub fn open_in_root(dir: BorrowedFd<'_>, path: &Path, flags: libc::c_int) -> io:
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2(2) reads `how` (of the size passed) and the path.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            &mut how as *mut libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
+    // EAGAIN: a mount or rename raced with a `..` in the path; openat2(2)
+    // says to retry. Bounded, so a host under constant churn still ends.
+    let mut attempts = 0;
+    let fd = loop {
+        // SAFETY: openat2(2) reads `how` (of the size passed) and the path.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                &mut how as *mut libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        match check(ret) {
+            Err(err) if err.raw_os_error() == Some(libc::EAGAIN) && attempts < OPENAT2_RETRIES => {
+                attempts += 1;
+            }
+            other => break other?,
+        }
     };
-    let fd = check(ret)?;
     // SAFETY: a new descriptor owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
@@ -332,6 +345,66 @@ pub fn set_non_dumpable() -> io::Result<()> {
     check(ret as libc::c_long).map(|_| ())
 }
 
+/// Gives the process the signal state a freshly started program expects:
+/// every disposition the default and nothing blocked. Our binary starts
+/// with SIGPIPE ignored (Rust's runtime does that) and the supervisor
+/// blocks what it reads from a signalfd; both survive exec, and a guest
+/// command that ignores SIGPIPE spins on EPIPE instead of ending when its
+/// reader goes away (`yes | head -1`).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub fn reset_signals() -> io::Result<()> {
+    // The kernel's struct sigaction (x86-64 and aarch64 layout): the raw
+    // call reaches the real-time signals glibc reserves for itself, which
+    // a parent may have left ignored as well.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: libc::sighandler_t,
+        flags: libc::c_ulong,
+        restorer: libc::c_ulong,
+        mask: u64,
+    }
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction reads one kernel sigaction of the size
+        // passed (8 bytes of mask); SIG_DFL refers to no handler code.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            )
+        };
+    }
+    nix::sys::signal::SigSet::empty()
+        .thread_set_mask()
+        .map_err(io::Error::from)
+}
+
+/// See the x86-64 version; here only the signals glibc lets us reset.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub fn reset_signals() -> io::Result<()> {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: SIG_DFL refers to no handler code; numbers glibc
+            // reserves fail with EINVAL and stay as they are.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+    nix::sys::signal::SigSet::empty()
+        .thread_set_mask()
+        .map_err(io::Error::from)
+}
+
 /// `prctl(PR_SET_PDEATHSIG, sig)`.
 pub fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
     // SAFETY: plain prctl with integer arguments.
@@ -352,5 +425,219 @@ pub fn close_fds_from(first: RawFd, keep: &[RawFd]) {
         // SAFETY: closing descriptors this process will never use again; the
         // read_dir handle is already dropped.
         unsafe { libc::close(fd) };
+    }
+}
+
+/// Opens the inode behind an `O_PATH` descriptor for I/O, without a new
+/// path lookup (through the descriptor's /proc/self/fd entry).
+pub fn reopen(handle: BorrowedFd<'_>, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let path = CString::new(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "fd path"))?;
+    // SAFETY: open(2) reads the NUL-terminated path; it returns a new fd.
+    let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    check(fd as libc::c_long)?;
+    // SAFETY: a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// One eBPF instruction (`struct bpf_insn`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BpfInsn {
+    pub code: u8,
+    /// dst_reg in the low nibble, src_reg in the high one.
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
+}
+
+/// The `BPF_PROG_LOAD` part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BpfProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+}
+
+/// The `BPF_PROG_ATTACH` part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BpfProgAttach {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
+const BPF_CGROUP_DEVICE: u32 = 6;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// Loads `insns` as a `BPF_PROG_TYPE_CGROUP_DEVICE` program and attaches it
+/// to `cgroup` (cgroup2) with `BPF_F_ALLOW_MULTI`, so programs attached
+/// above and below all have to allow an access.
+pub fn attach_device_program(cgroup: BorrowedFd<'_>, insns: &[BpfInsn]) -> io::Result<()> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 4096];
+    let load = BpfProgLoad {
+        prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        ..BpfProgLoad::default()
+    };
+    // SAFETY: bpf(2) reads `load` (of the size passed), the instructions and
+    // the license it points at, and writes at most log_size bytes of log.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &load as *const BpfProgLoad,
+            std::mem::size_of::<BpfProgLoad>(),
+        )
+    };
+    let prog = match check(ret) {
+        // SAFETY: a new descriptor owned by nobody else.
+        Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+        Err(err) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            return Err(io::Error::new(
+                err.kind(),
+                format!("loading the device program: {err}; verifier: {text}"),
+            ));
+        }
+    };
+    let attach = BpfProgAttach {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        attach_flags: BPF_F_ALLOW_MULTI,
+    };
+    // SAFETY: bpf(2) reads `attach`; both descriptors are valid for the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &attach as *const BpfProgAttach,
+            std::mem::size_of::<BpfProgAttach>(),
+        )
+    };
+    check(ret).map(|_| ())
+}
+
+/// `setns(2)` with a namespace descriptor.
+pub fn setns(ns: BorrowedFd<'_>, nstype: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid descriptor.
+    let ret = unsafe { libc::setns(ns.as_raw_fd(), nstype) };
+    check(ret as libc::c_long).map(|_| ())
+}
+
+/// Becomes `uid`/`gid` with `groups`, for the calling thread only, by the
+/// raw system calls. glibc's wrappers change every thread of the process
+/// (POSIX), signalling each one in its thread list and waiting for it; in
+/// a child cloned from a multi-threaded parent that list still names the
+/// parent's threads, which never answer, and the child hangs for ever.
+/// Our clone children are single-threaded, so the raw calls are exact.
+/// It allocates nothing, so a child of a multi-threaded parent may call it.
+pub fn switch_ids(uid: u32, gid: u32, groups: &[libc::gid_t]) -> io::Result<()> {
+    // SAFETY: setgroups reads `groups.len()` gids from the pointer, which
+    // points at that many (and is unused when the length is 0).
+    check(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) })?;
+    // SAFETY: plain system calls with integer arguments.
+    check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) })?;
+    Ok(())
+}
+
+/// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`: a new anonymous session
+/// keyring of the calling process's own, instead of the inherited one.
+pub fn join_new_session_keyring() -> io::Result<()> {
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: a null name asks for a new anonymous keyring.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        )
+    };
+    check(ret).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Children forked by a raw clone while another thread of the parent
+    /// is starting threads (as the supervisor may be, starting its cgroup
+    /// attach thread) change their ids and go on. glibc's setgroups waits
+    /// for every thread it knows to have started: in such a child, one
+    /// caught half-created in the parent never does, and the child hung.
+    #[test]
+    fn switch_ids_returns_in_a_raw_clone_of_a_threaded_parent() {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::{Duration, Instant};
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test runs as root (setgroups needs CAP_SETGID)"
+        );
+        static STOP: AtomicBool = AtomicBool::new(false);
+        let spawner = std::thread::spawn(|| {
+            while !STOP.load(Ordering::Relaxed) {
+                let _ = std::thread::spawn(|| {}).join();
+            }
+        });
+        let mut children = Vec::new();
+        for _ in 0..300 {
+            // SAFETY: a raw fork (no glibc fork handlers): the child only
+            // makes system calls and leaves with _exit, touching no lock.
+            let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+            if pid == 0 {
+                let code = i32::from(switch_ids(0, 0, &[0]).is_err());
+                // SAFETY: leave the child without the parent's handlers.
+                unsafe { libc::_exit(code) }
+            }
+            assert!(pid > 0, "clone: {}", io::Error::last_os_error());
+            children.push(nix::unistd::Pid::from_raw(pid as libc::pid_t));
+        }
+        STOP.store(true, Ordering::Relaxed);
+        let _ = spawner.join();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut hung = 0;
+        for pid in children {
+            let status = loop {
+                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Ok(WaitStatus::StillAlive) => {
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                        let _ = waitpid(pid, None);
+                        hung += 1;
+                        break Ok(WaitStatus::StillAlive);
+                    }
+                    other => break other,
+                }
+            };
+            if status != Ok(WaitStatus::StillAlive) {
+                assert_eq!(status, Ok(WaitStatus::Exited(pid, 0)));
+            }
+        }
+        assert_eq!(hung, 0, "children hung changing their ids");
     }
 }

@@ -2,6 +2,15 @@
 //! the project's `dbus/org.rmachines1.conf`, and the built `rmachined` on it
 //! with temporary config, state and storage directories. Both are killed and
 //! the directories removed on drop. Needs root; panics (never skips) if not.
+//!
+//! The daemon runs with `--stop-machines-on-exit`, so SIGTERM to it (its
+//! parent-death signal, `terminate_daemon`, drop) stops its machines, as
+//! tests of "nothing is left after the daemon" expect. A harness from
+//! [`Harness::start_keeping_machines`] runs it as a host does (machines
+//! outlive the daemon); its drop stops what is left through the
+//! supervisors' control sockets (a test process killed outright runs no
+//! drop: its machines then stay until the next daemon on that state
+//! directory, or `rmachinectl stop`).
 
 #![allow(dead_code)] // each test binary uses its own subset
 
@@ -62,6 +71,7 @@ pub struct Harness {
     notifications: Vec<String>,
     network_args: Vec<String>,
     shared_root: bool,
+    stop_machines_on_exit: bool,
     wrapper: Vec<String>,
 }
 
@@ -88,21 +98,29 @@ impl Harness {
         Self::start_inner(install, setup, false)
     }
 
+    /// A bus and a daemon run as on a host: without
+    /// `--stop-machines-on-exit`, so its machines outlive SIGTERM and a new
+    /// daemon (`spawn_daemon`) re-adopts them. Drop stops what is left.
+    pub fn start_keeping_machines(setup: impl FnOnce(&Path)) -> Self {
+        Self::start_configured(Install::built(), setup, false, false, Vec::new())
+    }
+
     /// A bus and a daemon started through `wrapper` (a command that execs
     /// its arguments in place, e.g. `nsenter --net=...`): a test host of
     /// its own (tests/fleet.rs).
     pub fn start_wrapped(wrapper: Vec<String>, setup: impl FnOnce(&Path)) -> Self {
-        Self::start_full(Install::built(), setup, false, wrapper)
+        Self::start_configured(Install::built(), setup, false, true, wrapper)
     }
 
     fn start_inner(install: Install, setup: impl FnOnce(&Path), shared_root: bool) -> Self {
-        Self::start_full(install, setup, shared_root, Vec::new())
+        Self::start_configured(install, setup, shared_root, true, Vec::new())
     }
 
-    fn start_full(
+    fn start_configured(
         install: Install,
         setup: impl FnOnce(&Path),
         shared_root: bool,
+        stop_machines_on_exit: bool,
         wrapper: Vec<String>,
     ) -> Self {
         require_root();
@@ -158,6 +176,7 @@ impl Harness {
             notifications: Vec::new(),
             network_args: test_network_args(),
             shared_root,
+            stop_machines_on_exit,
             wrapper,
         };
         harness.spawn_daemon();
@@ -197,6 +216,10 @@ impl Harness {
             .arg("--storage-dir")
             .arg(dir.join("storage"))
             .args(&self.network_args)
+            .args(
+                self.stop_machines_on_exit
+                    .then_some("--stop-machines-on-exit"),
+            )
             .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
             .env("NOTIFY_SOCKET", dir.join("notify"))
             .env("RUST_LOG", "debug")
@@ -205,8 +228,9 @@ impl Harness {
             .stdout(Stdio::null())
             .stderr(log);
         // A test process that dies (killed, aborted) takes its daemon along
-        // the graceful way: SIGTERM stops the machines and removes the
-        // bridge and rules, instead of leaving them to nobody.
+        // the graceful way: SIGTERM (with --stop-machines-on-exit) stops the
+        // machines and removes the bridge and rules, instead of leaving them
+        // to nobody.
         // SAFETY: prctl is async-signal-safe; nothing else runs between
         // fork and exec.
         unsafe {
@@ -261,6 +285,10 @@ impl Harness {
         self.dir.path().join("config")
     }
 
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("rmachined.log")).unwrap_or_default()
     }
@@ -272,6 +300,19 @@ impl Harness {
             .build()
             .await
             .expect("connect to the test bus")
+    }
+
+    /// `rmachinectl ARGS` on this harness's bus, stdin empty and stdout
+    /// and stderr piped, not yet spawned.
+    pub fn rmachinectl_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.install.rmachinectl);
+        command
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
     }
 
     pub fn rmachinectl(&self, args: &[&str]) -> Output {
@@ -366,12 +407,43 @@ impl Harness {
         let mut daemon = self.daemon.take().expect("rmachined is running");
         terminate(&mut daemon, Duration::from_secs(30))
     }
+
+    /// Stops every machine whose supervisor still runs, through its control
+    /// socket (no daemon needed), and waits until each is gone: SIGKILL
+    /// after `grace`. Returns the names of the machines it stopped.
+    pub fn stop_supervised_machines(&self, grace: Duration) -> Vec<String> {
+        use rmachines::runtime::protocol::{Client, Command as SupervisorCommand};
+        let mut stopped = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.state_dir().join("machines")) else {
+            return stopped;
+        };
+        for entry in entries.flatten() {
+            let Ok(mut client) = Client::connect(&entry.path().join("control")) else {
+                continue;
+            };
+            let _ = client.send(SupervisorCommand::Stop);
+            if !matches!(client.wait_for(grace, |_| false), Ok(None)) {
+                let _ = client.send(SupervisorCommand::Kill);
+                let _ = client.wait_for(Duration::from_secs(10), |_| false);
+            }
+            stopped.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        stopped
+    }
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
         if let Some(mut daemon) = self.daemon.take() {
             terminate(&mut daemon, Duration::from_secs(10));
+        }
+        // What the daemon left running (a harness keeping machines, or a
+        // daemon that did not stop in time).
+        self.stop_supervised_machines(Duration::from_secs(10));
+        if !self.stop_machines_on_exit {
+            // The machines' bridge and rules go with a daemon that finds
+            // nothing running, as at any daemon start.
+            self.spawn_daemon_quietly_and_stop();
         }
         let _ = self.bus.kill();
         let _ = self.bus.wait();
@@ -399,6 +471,24 @@ fn test_network_args() -> Vec<String> {
         format!("--ipv6-subnet=fd6d:7465:7376:{id:x}::/64"),
         format!("--nft-table=rmachines_harness_{id:x}"),
     ]
+}
+
+impl Harness {
+    /// Starts a daemon that stops machines on exit and terminates it: its
+    /// start cleans the network the last machine left, its exit removes the
+    /// bridge and table. For drop; never panics.
+    fn spawn_daemon_quietly_and_stop(&mut self) {
+        self.stop_machines_on_exit = true;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.spawn_daemon();
+        }));
+        if let Some(mut daemon) = self.daemon.take() {
+            terminate(&mut daemon, Duration::from_secs(10));
+        }
+        if result.is_err() {
+            eprintln!("the clean-up daemon of a harness did not start");
+        }
+    }
 }
 
 /// SIGTERM, then SIGKILL after `grace`.

@@ -48,6 +48,7 @@ pub fn require_root() {
 pub fn fixture(kind: &str) -> PathBuf {
     let dest = Path::new(FIXTURES).join(kind);
     if dest.is_dir() {
+        close_fixtures();
         return dest;
     }
     std::fs::create_dir_all(FIXTURES).expect("fixture dir");
@@ -61,7 +62,53 @@ pub fn fixture(kind: &str) -> PathBuf {
         .status()
         .expect("run make-rootfs.sh");
     assert!(status.success(), "building the {kind} fixture failed");
+    close_fixtures();
     dest
+}
+
+/// Machine roots must not be reachable by unprivileged host users (their
+/// setuid files would be host setuid-root files): rmachined refuses to boot
+/// one that is, so the fixtures' directory is root's alone.
+fn close_fixtures() {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(FIXTURES, std::fs::Permissions::from_mode(0o700))
+        .expect("chmod 0700 the fixtures' directory");
+}
+
+/// A private, writable copy of a fixture as it was built (its machine id
+/// empty: the guest's first boot), removed on drop. For tests that change
+/// the tree, or whose guest writes to it on first boot.
+pub struct FixtureCopy {
+    pub path: PathBuf,
+}
+
+impl FixtureCopy {
+    pub fn new(kind: &str, name: &str) -> FixtureCopy {
+        let source = fixture(kind);
+        let path = Path::new(FIXTURES)
+            .join(".copies")
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("create .copies");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&source)
+            .arg(&path)
+            .status()
+            .expect("run cp -a");
+        assert!(status.success(), "copying the {kind} fixture failed");
+        let id = path.join("etc/machine-id");
+        if id.exists() {
+            std::fs::write(&id, "").expect("empty the copy's /etc/machine-id");
+        }
+        FixtureCopy { path }
+    }
+}
+
+impl Drop for FixtureCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 pub fn helper_binary() -> &'static Path {
@@ -116,6 +163,7 @@ impl TestMachine {
             )
             .expect("network plan"),
             definition: def,
+            layer: None,
         };
         let launched =
             runtime::supervisor::launch(helper_binary(), &plan).expect("launch supervisor");
