@@ -13,7 +13,7 @@ previous=$(journalctl --list-boots --no-pager | awk '$1 == "-1" { print $2 }')
 [ -n "$previous" ] || fail "the journal has no previous boot (not persistent?)"
 journal=$(journalctl -b -1 --no-pager -o short-monotonic -u rmachined -u 'rmachine@*' -u 'machine-*')
 echo "--- journal of the previous boot, from the stop on"
-echo "$journal" | sed -n '/Stopping\|SIGTERM/,$p' | head -n 60
+echo "$journal" | sed -n '/Stopping\|SIGTERM/,$p' | sed -n '1,60p'
 if echo "$journal" | grep -i 'SIGKILL'; then
 	fail "SIGKILL in the journal of the shutdown"
 fi
