@@ -3,7 +3,7 @@
 # boots: 1
 . /mnt/rmvm/guest/lib.sh
 echo "--- dpkg -i (early.sh, before systemd started)"
-cat "$RMVM_SHARE/results/early-1.log" | grep -A30 'dpkg -i' | head -n 30
+cat "$RMVM_SHARE/results/early-1.log" | grep -A30 'dpkg -i' | sed -n '1,30p'
 [ "$(cat "$RMVM_SHARE/results/dpkg-status")" = 0 ] || fail "dpkg -i exited $(cat "$RMVM_SHARE/results/dpkg-status")"
 show dpkg-query -W -f='${Package} ${Version} ${Status}\n' rmachines
 dpkg-query -W -f='${Status}' rmachines | grep -q 'install ok installed' || fail "rmachines is not installed"

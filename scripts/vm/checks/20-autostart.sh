@@ -4,7 +4,7 @@
 # timeout: 240
 . /mnt/rmvm/guest/lib.sh
 echo "--- rmachined's journal of this boot"
-journalctl -b --no-pager -o short-monotonic -u rmachined | head -n 40
+journalctl -b --no-pager -o short-monotonic -u rmachined | sed -n '1,40p'
 wait_state bb running 200
 wait_state debian running 200
 show rmachinectl list

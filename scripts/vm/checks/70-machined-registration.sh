@@ -8,14 +8,14 @@ wait_state bb running 150
 wait_state debian running 150
 show machinectl list --no-pager
 for m in bb debian; do
-	show machinectl status "$m" --no-pager | head -n 12 || fail "machinectl does not know $m"
+	show machinectl status "$m" --no-pager | sed -n '1,12p' || fail "machinectl does not know $m"
 	props=$(machinectl show "$m" -p Class -p Service -p Leader -p RootDirectory -p Unit)
 	echo "$props"
 	echo "$props" | grep -qx Class=container || fail "$m: class is not container"
 	echo "$props" | grep -qx Service=rmachines || fail "$m: service is not rmachines"
 	echo "$props" | grep -qx "Leader=$(leader_of "$m")" || fail "$m: machined's leader is not rmachines' leader $(leader_of "$m")"
 	echo "$props" | grep -qx "Unit=machine-$m.scope" || fail "$m: unit is not machine-$m.scope"
-	show systemctl status "machine-$m.scope" --no-pager | head -n 15 || true
+	show systemctl status "machine-$m.scope" --no-pager | sed -n '1,15p' || true
 	systemctl is-active --quiet "machine-$m.scope" || fail "machine-$m.scope is not active"
 	[ "$(systemctl show -P Slice "machine-$m.scope")" = machine.slice ] || fail "machine-$m.scope is not in machine.slice"
 	[ "$(systemctl show -P Delegate "machine-$m.scope")" = yes ] || fail "machine-$m.scope is not delegated"
@@ -26,7 +26,7 @@ for m in bb debian; do
 done
 cgls=$(systemd-cgls --no-pager -u machine.slice 2>&1 || true)
 echo "\$ systemd-cgls -u machine.slice"
-echo "$cgls" | head -n 40
+echo "$cgls" | sed -n '1,40p'
 echo "$cgls" | grep -q machine-debian.scope || fail "systemd-cgls does not show machine-debian.scope"
 # Unregistered at stop.
 show rmachinectl start pk

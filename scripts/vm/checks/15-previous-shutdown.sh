@@ -13,14 +13,17 @@ previous=$(journalctl --list-boots --no-pager | awk '$1 == "-1" { print $2 }')
 [ -n "$previous" ] || fail "the journal has no previous boot (not persistent?)"
 journal=$(journalctl -b -1 --no-pager -o short-monotonic -u rmachined -u 'rmachine@*' -u 'machine-*')
 echo "--- journal of the previous boot, from the stop on"
-echo "$journal" | sed -n '/Stopping\|SIGTERM/,$p' | head -n 60
+echo "$journal" | sed -n '/Stopping machine-\|Stopped machine-\|init exited\|0 machines keep/p' | sed -n '1,60p'
 if echo "$journal" | grep -i 'SIGKILL'; then
 	fail "SIGKILL in the journal of the shutdown"
 fi
 for m in bb:30 debian:60; do
 	name=${m%%:*} timeout=${m#*:}
-	began=$(echo "$journal" | grep -m1 "Stopping rmachines machine $name\.\.\." | sed 's/^\[ *\([0-9.]*\)\].*/\1/')
-	ended=$(echo "$journal" | grep -m1 "Stopped rmachines machine $name\." | sed 's/^\[ *\([0-9.]*\)\].*/\1/')
+	# systemd 252 names the unit and its description: "Stopping
+	# machine-bb.scope - rmachines machine bb...". A grep that finds
+	# nothing must reach the fail below, not end the check under pipefail.
+	began=$(echo "$journal" | grep "Stopping machine-$name\.scope" | tail -n1 | sed 's/^\[ *\([0-9.]*\)\].*/\1/' || true)
+	ended=$(echo "$journal" | grep "Stopped machine-$name\.scope" | tail -n1 | sed 's/^\[ *\([0-9.]*\)\].*/\1/' || true)
 	[ -n "$began" ] || fail "machine-$name.scope was not stopped at shutdown"
 	[ -n "$ended" ] || fail "machine-$name.scope did not stop (no 'Stopped' line)"
 	took=$(awk -v a="$began" -v b="$ended" 'BEGIN { printf "%.1f", b - a }')
