@@ -623,3 +623,24 @@ async fn shell_commands_run_in_the_machines_cgroup() {
     assert_eq!(unified.as_deref(), Some("0::/"), "{}", stdout(&out));
     assert_ok(&h.rmachinectl(&["stop", "cg"]), "stop");
 }
+
+/// Two rmachined instances on one host (two harnesses: own bridge, own nft
+/// tables): each one's machine reaches its own gateway. The bridge table's
+/// catch-all for unknown machine ports once matched `ve-*` ports on every
+/// bridge, so one instance (or a table a killed one left) cut every other
+/// instance's machines off.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_do_not_cut_each_others_machines_off() {
+    let root = support::fixture("busybox");
+    let a = Harness::start_with(|c| write_definition(c, "inst-a", &root, ""));
+    let b = Harness::start_with(|c| write_definition(c, "inst-b", &root, ""));
+    assert_ok(&a.rmachinectl(&["start", "inst-a"]), "start inst-a");
+    assert_ok(&b.rmachinectl(&["start", "inst-b"]), "start inst-b");
+    let ping_gateway = "gw=$(ip route | awk '/^default/ {print $3}'); ping -c 1 -W 3 \"$gw\"";
+    for (h, name) in [(&a, "inst-a"), (&b, "inst-b")] {
+        let out = h.rmachinectl(&["shell", name, "--", "/bin/sh", "-c", ping_gateway]);
+        assert_ok(&out, &format!("{name} pings its gateway"));
+    }
+    assert_ok(&a.rmachinectl(&["stop", "inst-a"]), "stop inst-a");
+    assert_ok(&b.rmachinectl(&["stop", "inst-b"]), "stop inst-b");
+}

@@ -35,6 +35,20 @@ const PRIO_FIRST: i32 = -300;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 
+/// The interface group of this instance's machine ports (`ip link ... group
+/// N`), from its table name: the bridge table's catch-all for ports not in
+/// its map matches only these, so another rmachined's table (or one a
+/// killed instance left) never drops our machines' frames. (`meta ibrname`
+/// would say it directly, but kernels without bridge meta support refuse
+/// it.) Never 0, the group every other interface has.
+pub(crate) fn port_group(table: &str) -> u32 {
+    // FNV-1a: stable across builds and architectures.
+    let hash = table.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    (hash % 0x7fff_fff0) + 0x10
+}
+
 fn matches(left: Value, right: Value) -> Value {
     json!({"match": {"op": "==", "left": left, "right": right}})
 }
@@ -359,7 +373,10 @@ pub(crate) fn bridge_table(table: &str, members: &[&NetworkPlan]) -> Vec<Value> 
     // machine is stopping.
     cmds.push(rule(
         "prerouting",
-        drop_if(vec![matches(meta("iifname"), machine_port.clone())]),
+        drop_if(vec![
+            matches(meta("iifgroup"), json!(port_group(table))),
+            matches(meta("iifname"), machine_port.clone()),
+        ]),
     ));
     cmds.push(rule(
         "forward",

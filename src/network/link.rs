@@ -238,6 +238,8 @@ pub fn setup_private(plan: &NetworkPlan, pid: libc::pid_t) -> Result<(), Network
             .name(plan.host_veth.clone())
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .controller(bridge)
+            // Marks the port as this instance's (see guard::port_group).
+            .link_group(super::guard::port_group(&plan.table))
             .build();
         host.link().add(veth).execute().await.map_err(nl_err(
             machine,
