@@ -117,6 +117,34 @@ fn tar_failed(status: std::process::ExitStatus) -> CliError {
     CliError::Failed(format!("tar on the host failed ({status})"))
 }
 
+/// Ends a transfer: the machine's side (`status`, its exit status) and the
+/// host's `tar` must both have succeeded; a failed call kills the host's.
+fn finish_transfer(
+    status: Result<i32, CliError>,
+    tar: &mut std::process::Child,
+    what: impl FnOnce() -> String,
+) -> Result<(), CliError> {
+    let status = match status {
+        Ok(status) => status,
+        Err(err) => {
+            let _ = tar.kill();
+            let _ = tar.wait();
+            return Err(err);
+        }
+    };
+    let host = tar.wait()?;
+    if status != 0 {
+        return Err(CliError::Failed(format!(
+            "{} failed (exit status {status})",
+            what()
+        )));
+    }
+    if !host.success() {
+        return Err(tar_failed(host));
+    }
+    Ok(())
+}
+
 async fn copy_in(
     manager: &ManagerProxy<'static>,
     source: &Path,
@@ -166,23 +194,9 @@ async fn copy_in(
     )
     .await;
     drop(read);
-    let status = match status {
-        Ok(status) => status,
-        Err(err) => {
-            let _ = tar.kill();
-            let _ = tar.wait();
-            return Err(err);
-        }
-    };
-    let host = tar.wait()?;
-    if status != 0 {
-        return Err(CliError::Failed(format!(
-            "extracting in machine {machine} failed (exit status {status})"
-        )));
-    }
-    if !host.success() {
-        return Err(tar_failed(host));
-    }
+    finish_transfer(status, &mut tar, || {
+        format!("extracting in machine {machine}")
+    })?;
     Ok(0)
 }
 
@@ -238,23 +252,9 @@ async fn copy_out(
     )
     .await;
     drop(write);
-    let status = match status {
-        Ok(status) => status,
-        Err(err) => {
-            let _ = tar.kill();
-            let _ = tar.wait();
-            return Err(err);
-        }
-    };
-    let host = tar.wait()?;
-    if status != 0 {
-        return Err(CliError::Failed(format!(
-            "reading {source} in machine {machine} failed (exit status {status})"
-        )));
-    }
-    if !host.success() {
-        return Err(tar_failed(host));
-    }
+    finish_transfer(status, &mut tar, || {
+        format!("reading {source} in machine {machine}")
+    })?;
     let extracted = staging.path().join(&name);
     std::fs::symlink_metadata(&extracted)
         .map_err(|_| CliError::Failed(format!("machine {machine} sent no {name:?}")))?;

@@ -1298,12 +1298,10 @@ fn set_resolv_conf(plan: &MachinePlan, root: BorrowedFd<'_>) -> Result<(), Runti
     bind(root, &file, "/etc/resolv.conf", false, true)
 }
 
-/// Gives the guest the machine id of [`machine_id`] when its own
-/// /etc/machine-id is missing or empty, without writing the image. A guest
-/// symlink there is never followed (nor created through).
-/// Gives a guest without a machine id one: the id derived from the
-/// machine's name (also its `container_uuid`), bind-mounted over
-/// `/etc/machine-id`, except where systemd is init on a writable root.
+/// Gives a guest whose /etc/machine-id is missing or empty the id of
+/// [`machine_id`] (also its `container_uuid`), bind-mounted over it without
+/// writing the image; a guest symlink there is never followed (nor created
+/// through). Except where systemd is init on a writable root.
 /// There, as under systemd-nspawn, nothing is mounted: systemd takes
 /// `container_uuid` on its first boot and systemd-machine-id-commit writes
 /// it to the tree, which it cannot do through a mount it may not unmount
