@@ -81,7 +81,7 @@ fn stderr_is_journal() -> bool {
     let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
         return false;
     };
-    match nix::sys::stat::fstat(libc::STDERR_FILENO) {
+    match nix::sys::stat::fstat(std::io::stderr()) {
         #[allow(clippy::unnecessary_cast)] // the field types differ between targets
         Ok(stat) => stat.st_dev as u64 == dev && stat.st_ino as u64 == ino,
         Err(_) => false,

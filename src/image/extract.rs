@@ -229,11 +229,11 @@ impl Extractor {
         // anything else replaces what was there.
         self.replace_existing(parent.as_fd(), &cname, is_dir, path)?;
         self.this_layer.insert(path.to_path_buf());
-        let dirfd = parent.as_raw_fd();
+        let dirfd = parent.as_fd();
         match kind {
             EntryType::Directory => {
                 match nix::sys::stat::mkdirat(
-                    Some(dirfd),
+                    dirfd,
                     cname.as_c_str(),
                     nix::sys::stat::Mode::from_bits_truncate(0o700),
                 ) {
@@ -271,10 +271,10 @@ impl Extractor {
                 let target = link.ok_or_else(|| {
                     ImageError::Archive(format!("{}: a symlink without a target", path.display()))
                 })?;
-                nix::unistd::symlinkat(target.as_os_str(), Some(dirfd), cname.as_c_str())
+                nix::unistd::symlinkat(target.as_os_str(), dirfd, cname.as_c_str())
                     .map_err(errno_at("creating symlink", path))?;
                 nix::unistd::fchownat(
-                    Some(dirfd),
+                    dirfd,
                     cname.as_c_str(),
                     Some(uid.into()),
                     Some(gid.into()),
@@ -305,7 +305,7 @@ impl Extractor {
                     libc::linkat(
                         source.as_raw_fd(),
                         empty.as_ptr(),
-                        dirfd,
+                        dirfd.as_raw_fd(),
                         cname.as_ptr(),
                         libc::AT_EMPTY_PATH,
                     )
@@ -317,7 +317,7 @@ impl Extractor {
             }
             EntryType::Fifo => {
                 nix::sys::stat::mknodat(
-                    Some(dirfd),
+                    dirfd,
                     cname.as_c_str(),
                     nix::sys::stat::SFlag::S_IFIFO,
                     nix::sys::stat::Mode::from_bits_truncate(0o600),
@@ -331,7 +331,7 @@ impl Extractor {
                 nix::unistd::chown(proc.as_str(), Some(uid.into()), Some(gid.into()))
                     .map_err(errno_at("changing the owner of", path))?;
                 nix::sys::stat::fchmodat(
-                    None,
+                    nix::fcntl::AT_FDCWD,
                     proc.as_str(),
                     nix::sys::stat::Mode::from_bits_truncate(mode),
                     nix::sys::stat::FchmodatFlags::FollowSymlink,
@@ -364,7 +364,7 @@ impl Extractor {
                 Err(_) => {
                     let cname = cstring(component.as_os_str())?;
                     match nix::sys::stat::mkdirat(
-                        Some(current.as_raw_fd()),
+                        current.as_fd(),
                         cname.as_c_str(),
                         nix::sys::stat::Mode::from_bits_truncate(0o755),
                     ) {
@@ -396,7 +396,7 @@ impl Extractor {
         path: &Path,
     ) -> Result<bool, ImageError> {
         let stat = match nix::sys::stat::fstatat(
-            Some(parent.as_raw_fd()),
+            parent.as_fd(),
             name.as_c_str(),
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         ) {
@@ -462,13 +462,10 @@ impl Meta {
     /// chown before chmod (chown clears set-id bits) and before the
     /// xattrs (it clears file capabilities).
     fn apply(&self, fd: BorrowedFd<'_>, path: &Path, stats: &mut Stats) -> Result<(), ImageError> {
-        nix::unistd::fchown(fd.as_raw_fd(), Some(self.uid.into()), Some(self.gid.into()))
+        nix::unistd::fchown(fd, Some(self.uid.into()), Some(self.gid.into()))
             .map_err(errno_at("changing the owner of", path))?;
-        nix::sys::stat::fchmod(
-            fd.as_raw_fd(),
-            nix::sys::stat::Mode::from_bits_truncate(self.mode),
-        )
-        .map_err(errno_at("changing the mode of", path))?;
+        nix::sys::stat::fchmod(fd, nix::sys::stat::Mode::from_bits_truncate(self.mode))
+            .map_err(errno_at("changing the mode of", path))?;
         for (name, value) in &self.xattrs {
             let cname = CString::new(name.as_bytes())
                 .map_err(|_| ImageError::Archive("an xattr name contains a NUL byte".into()))?;
@@ -542,7 +539,7 @@ fn set_times(fd: BorrowedFd<'_>, name: Option<&CString>, mtime: i64) -> io::Resu
 
 /// The names in a directory, without `.` and `..`.
 fn read_names(dir: BorrowedFd<'_>) -> io::Result<Vec<PathBuf>> {
-    let dup = nix::unistd::dup(dir.as_raw_fd()).map_err(io::Error::from)?;
+    let dup = nix::unistd::dup(dir).map_err(io::Error::from)?;
     let mut listing = nix::dir::Dir::from_fd(dup).map_err(io::Error::from)?;
     let mut names = Vec::new();
     for entry in listing.iter() {
@@ -569,7 +566,7 @@ pub(crate) fn remove_at(parent: BorrowedFd<'_>, name: &CString, is_dir: bool) ->
             let cchild = CString::new(child.as_os_str().as_bytes())
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
             let stat = nix::sys::stat::fstatat(
-                Some(dir.as_raw_fd()),
+                &dir,
                 cchild.as_c_str(),
                 nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
             )
@@ -586,7 +583,7 @@ pub(crate) fn remove_at(parent: BorrowedFd<'_>, name: &CString, is_dir: bool) ->
     } else {
         nix::unistd::UnlinkatFlags::NoRemoveDir
     };
-    nix::unistd::unlinkat(Some(parent.as_raw_fd()), name.as_c_str(), flags).map_err(io::Error::from)
+    nix::unistd::unlinkat(parent.as_fd(), name.as_c_str(), flags).map_err(io::Error::from)
 }
 
 #[cfg(test)]

@@ -988,7 +988,7 @@ fn ensure_in_root(
                 if last && !directory {
                     as_guest_root(|| {
                         nix::fcntl::openat(
-                            Some(parent.as_raw_fd()),
+                            parent.as_fd(),
                             cname.as_c_str(),
                             // O_EXCL: a dangling guest symlink is not followed
                             // (it would create its target on the host).
@@ -1000,13 +1000,12 @@ fn ensure_in_root(
                             nix::sys::stat::Mode::from_bits_truncate(0o644),
                         )
                     })
-                    // SAFETY: openat returned a fresh descriptor we now own.
-                    .map(|fd| drop(unsafe { OwnedFd::from_raw_fd(fd) }))
+                    .map(drop)
                     .map_err(|e| err("creating")(e.into()))?;
                 } else {
                     match as_guest_root(|| {
                         nix::sys::stat::mkdirat(
-                            Some(parent.as_raw_fd()),
+                            parent.as_fd(),
                             cname.as_c_str(),
                             nix::sys::stat::Mode::from_bits_truncate(0o755),
                         )
@@ -1080,8 +1079,8 @@ fn remount_read_only(root: BorrowedFd<'_>, target: &str) -> Result<(), RuntimeEr
         | MsFlags::MS_RDONLY
         | MsFlags::MS_NOSUID
         | MsFlags::MS_NOEXEC;
-    let is_device = nix::sys::stat::fstat(fd.as_raw_fd())
-        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFCHR);
+    let is_device =
+        nix::sys::stat::fstat(&fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFCHR);
     if !is_device {
         flags |= MsFlags::MS_NODEV;
     }
@@ -1216,7 +1215,7 @@ fn mount_dev(
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        as_guest_root(|| nix::unistd::symlinkat(target, Some(dev.as_raw_fd()), link))
+        as_guest_root(|| nix::unistd::symlinkat(target, dev.as_fd(), link))
             .map_err(mount_err(format!("creating /dev/{link}")))?;
     }
     Ok(())
@@ -1240,11 +1239,11 @@ fn add_device_node(root: BorrowedFd<'_>, node: &Path) -> Result<(), RuntimeError
         .map_err(err("opening the directory of"))?;
     let kind = nix::sys::stat::SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT);
     let perm = nix::sys::stat::Mode::from_bits_truncate(meta.mode() & 0o777);
-    nix::sys::stat::mknodat(Some(dir.as_raw_fd()), name, kind, perm, meta.rdev())
+    nix::sys::stat::mknodat(dir.as_fd(), name, kind, perm, meta.rdev())
         .map_err(|e| err("creating")(e.into()))?;
     let owner = GUEST_ROOT.load(std::sync::atomic::Ordering::Relaxed);
     nix::unistd::fchownat(
-        Some(dir.as_raw_fd()),
+        dir.as_fd(),
         name,
         Some(owner.into()),
         Some(owner.into()),
@@ -1356,9 +1355,10 @@ fn attach_console() -> Result<(), RuntimeError> {
         .map_err(RuntimeError::io("opening /dev/console"))?;
     sys::set_controlling_tty(console.as_fd())
         .map_err(RuntimeError::io("TIOCSCTTY on /dev/console"))?;
-    for target in 0..3 {
-        nix::unistd::dup2(console.as_raw_fd(), target).map_err(mount_err("dup2 console".into()))?;
-    }
+    nix::unistd::dup2_stdin(&console)
+        .and_then(|()| nix::unistd::dup2_stdout(&console))
+        .and_then(|()| nix::unistd::dup2_stderr(&console))
+        .map_err(mount_err("dup2 console".into()))?;
     Ok(())
 }
 

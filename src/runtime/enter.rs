@@ -193,8 +193,7 @@ pub fn spec_command(helper: &Path, spec: &EnterSpec) -> Result<Command, RuntimeE
         .map_err(|e| RuntimeError::Child(format!("encoding the enter spec: {e}")))?;
     let memfd = nix::sys::memfd::memfd_create(
         c"rmachines-enter-spec",
-        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC
-            | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
     )
     .map_err(|e| RuntimeError::io("memfd_create for the enter spec")(e.into()))?;
     let mut file = File::from(memfd);
@@ -203,7 +202,7 @@ pub fn spec_command(helper: &Path, spec: &EnterSpec) -> Result<Command, RuntimeE
         .map_err(RuntimeError::io("writing the enter spec"))?;
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     nix::fcntl::fcntl(
-        file.as_raw_fd(),
+        &file,
         nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::from_bits_truncate(seals)),
     )
     .map_err(|e| RuntimeError::io("sealing the enter spec")(e.into()))?;
@@ -479,11 +478,7 @@ pub fn open_guest_pty(
     sys::unlock_pty(master.as_fd()).map_err(RuntimeError::io("unlocking the pty"))?;
     let slave =
         sys::open_pty_peer(master.as_fd()).map_err(RuntimeError::io("opening the pty's slave"))?;
-    nix::unistd::fchown(
-        std::os::fd::AsRawFd::as_raw_fd(&slave),
-        Some(uid.into()),
-        Some(tty_gid.into()),
-    )
-    .map_err(|e| RuntimeError::io("giving the pty to the user")(e.into()))?;
+    nix::unistd::fchown(&slave, Some(uid.into()), Some(tty_gid.into()))
+        .map_err(|e| RuntimeError::io("giving the pty to the user")(e.into()))?;
     Ok((master, slave))
 }

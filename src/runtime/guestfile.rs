@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use super::sys;
@@ -47,8 +47,7 @@ pub fn read(root: BorrowedFd<'_>, path: &Path, limit: usize) -> Result<Vec<u8>, 
         source,
     };
     let handle = sys::open_in_root(root, path, libc::O_PATH).map_err(open_err)?;
-    let meta =
-        nix::sys::stat::fstat(handle.as_raw_fd()).map_err(|e| open_err(std::io::Error::from(e)))?;
+    let meta = nix::sys::stat::fstat(&handle).map_err(|e| open_err(std::io::Error::from(e)))?;
     let kind = file_kind(meta.st_mode);
     if kind != "regular file" {
         return Err(GuestFileError::NotRegular {
@@ -92,13 +91,9 @@ pub fn read_text(
 /// What the entry `name` in the guest directory `dir` is, without
 /// following a final symlink: None when it does not exist.
 pub fn entry_kind(dir: BorrowedFd<'_>, name: &str) -> Option<&'static str> {
-    nix::sys::stat::fstatat(
-        Some(dir.as_raw_fd()),
-        name,
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .ok()
-    .map(|st| file_kind(st.st_mode))
+    nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+        .ok()
+        .map(|st| file_kind(st.st_mode))
 }
 
 fn file_kind(mode: libc::mode_t) -> &'static str {

@@ -556,9 +556,8 @@ pub fn seccomp_program() -> Result<BpfProgram, RuntimeError> {
 /// The filter as classic BPF (libseccomp 2.5 exports only to a descriptor).
 fn export(ctx: &ScmpFilterContext) -> Result<Vec<u8>, RuntimeError> {
     use std::io::{Read, Seek};
-    let fd =
-        nix::sys::memfd::memfd_create(c"seccomp", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-            .map_err(|e| RuntimeError::io("memfd for the seccomp filter")(e.into()))?;
+    let fd = nix::sys::memfd::memfd_create(c"seccomp", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| RuntimeError::io("memfd for the seccomp filter")(e.into()))?;
     ctx.export_bpf(fd.as_fd())
         .map_err(|e| RuntimeError::Setup {
             step: "exporting the seccomp filter".into(),

@@ -679,7 +679,7 @@ impl Supervisor {
     /// writing without pause cannot starve the rest of the loop.
     fn drain_console(&mut self, console: &Console, buf: &mut [u8]) {
         for _ in 0..READS_PER_WAKEUP {
-            match nix::unistd::read(console.master.as_raw_fd(), buf) {
+            match nix::unistd::read(&console.master, buf) {
                 Ok(0) => break,
                 Ok(n) => self.log_console(&buf[..n]),
                 Err(_) => break,
@@ -932,7 +932,7 @@ fn open_console(guest_root: u32) -> Result<Console, RuntimeError> {
         .map_err(RuntimeError::io("opening the console's slave"))?;
     // The guest's root owns its console, as on a real machine (tty group 5).
     nix::unistd::fchown(
-        slave.as_raw_fd(),
+        &slave,
         Some(guest_root.into()),
         Some((guest_root + 5).into()),
     )
