@@ -17,7 +17,7 @@ use crate::definition::{load_dir, validate_name, Definition};
 use crate::image::{self, ImageError};
 use crate::network::{self, NetworkConfig};
 use crate::runtime::idrange::{self, HostIdFiles};
-use crate::runtime::protocol::{now_usec, Command, Status};
+use crate::runtime::protocol::{self, now_usec, Command, Status};
 use crate::runtime::{self, cgroup, enter, paths, supervisor, MachinePlan, RuntimeError};
 
 /// How long a shell waits for the guest's account files.
@@ -301,7 +301,7 @@ impl Manager {
             loop {
                 tokio::select! {
                     line = lines.next_line() => match line {
-                        Ok(Some(line)) => match serde_json::from_str::<Status>(&line) {
+                        Ok(Some(line)) => match protocol::decode_line::<Status>(line.as_bytes()) {
                             Ok(st) => {
                                 manager.apply_status(&name, &st);
                                 let _ = status_tx.send(Some(st.clone()));
@@ -312,9 +312,8 @@ impl Manager {
                         _ => break,
                     },
                     Some(command) = command_rx.recv() => {
-                        let mut line = serde_json::to_string(&command).unwrap_or_default();
-                        line.push('\n');
-                        if write.write_all(line.as_bytes()).await.is_err() {
+                        let Ok(line) = protocol::encode_line(&command) else { break };
+                        if write.write_all(&line).await.is_err() {
                             break;
                         }
                     }

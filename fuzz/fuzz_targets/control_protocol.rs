@@ -13,19 +13,19 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use rmachines::runtime::protocol::{Client, Command, Status};
+use rmachines::runtime::protocol::{decode_line, encode_line, Client, Command, Status};
 
 fuzz_target!(|data: &[u8]| {
     // The supervisor's side: every complete line a client sent.
     for line in data.split_inclusive(|b| *b == b'\n') {
-        if let Ok(command) = serde_json::from_slice::<Command>(line) {
-            let json = serde_json::to_vec(&command).expect("a command encodes");
-            let back: Command = serde_json::from_slice(&json).expect("and decodes");
+        if let Ok(command) = decode_line::<Command>(line) {
+            let json = encode_line(&command).expect("a command encodes");
+            let back: Command = decode_line(&json).expect("and decodes");
             assert_eq!(back, command);
         }
-        if let Ok(status) = serde_json::from_slice::<Status>(line) {
-            let json = serde_json::to_vec(&status).expect("a status encodes");
-            let back: Status = serde_json::from_slice(&json).expect("and decodes");
+        if let Ok(status) = decode_line::<Status>(line) {
+            let json = encode_line(&status).expect("a status encodes");
+            let back: Status = decode_line(&json).expect("and decodes");
             assert_eq!(back, status);
         }
     }

@@ -96,6 +96,20 @@ pub enum Command {
     SetResources(crate::definition::Resources),
 }
 
+/// One message of the control protocol as its line on the wire: JSON and a
+/// newline. The only encoder of the protocol (supervisor, daemon, `Client`).
+pub fn encode_line<T: Serialize>(message: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let mut line = serde_json::to_vec(message)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// The message one line of the control protocol carries (with or without
+/// its newline). The only decoder of the protocol.
+pub fn decode_line<T: serde::de::DeserializeOwned>(line: &[u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(line.strip_suffix(b"\n").unwrap_or(line))
+}
+
 pub fn now_usec() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -126,9 +140,7 @@ impl Client {
     }
 
     pub fn send(&mut self, command: Command) -> std::io::Result<()> {
-        let mut line = serde_json::to_string(&command)?;
-        line.push('\n');
-        self.writer.write_all(line.as_bytes())
+        self.writer.write_all(&encode_line(&command)?)
     }
 
     /// The next status, or `None` at end of stream (the supervisor exited).
@@ -138,7 +150,7 @@ impl Client {
         if self.reader.read_line(&mut line)? == 0 {
             return Ok(None);
         }
-        let status: Status = serde_json::from_str(&line)?;
+        let status: Status = decode_line(line.as_bytes())?;
         self.last = Some(status.clone());
         Ok(Some(status))
     }

@@ -27,7 +27,7 @@ use nix::sys::socket::{
 };
 
 use super::container::{self, BootResources, Container, InitKind};
-use super::protocol::{now_usec, Command, MachineState, Status};
+use super::protocol::{self, now_usec, Command, MachineState, Status};
 use super::sys::{self, ExitStatus};
 use super::{cgroup, paths, MachinePlan, RuntimeError};
 use crate::definition::RestartPolicy;
@@ -390,8 +390,7 @@ impl Supervisor {
             &serde_json::to_vec(&self.status).unwrap_or_default(),
         );
         tracing::info!(machine = self.plan.name(), state = %state, leader, "state");
-        let mut line = serde_json::to_vec(&self.status).unwrap_or_default();
-        line.push(b'\n');
+        let line = protocol::encode_line(&self.status).unwrap_or_default();
         self.clients
             .retain_mut(|c| c.stream.write_all(&line).is_ok());
     }
@@ -776,7 +775,7 @@ impl Supervisor {
             }
             while let Some(pos) = client.buffer.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = client.buffer.drain(..=pos).collect();
-                match serde_json::from_slice::<Command>(&line) {
+                match protocol::decode_line::<Command>(&line) {
                     Ok(command) => commands.push(command),
                     Err(err) => tracing::warn!(%err, "bad control message"),
                 }
