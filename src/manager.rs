@@ -827,6 +827,7 @@ impl Manager {
             argv: command,
             user: target.user,
             controlling_tty,
+            seccomp_cache: Some(self.inner.config.state_dir.clone()),
         };
         let mut std_command =
             enter::spec_command(&self.inner.helper, &spec).map_err(|e| failed(e.to_string()))?;

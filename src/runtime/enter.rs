@@ -46,6 +46,10 @@ pub struct EnterSpec {
     pub env: Vec<String>,
     /// stdin is a terminal to make the controlling tty of the new session.
     pub controlling_tty: bool,
+    /// Where the seccomp filter is cached (rmachined's state directory);
+    /// without it the helper builds the filter itself.
+    #[serde(default)]
+    pub seccomp_cache: Option<PathBuf>,
 }
 
 /// The descriptor `__enter` reads its spec from.
@@ -182,6 +186,7 @@ pub fn command(
         argv: argv.to_vec(),
         user,
         controlling_tty: false,
+        seccomp_cache: None,
     };
     Ok(spec_command(helper, &spec)?)
 }
@@ -267,6 +272,10 @@ pub fn main(_args: &[String]) -> i32 {
 }
 
 fn enter(spec: &EnterSpec) -> Result<i32, RuntimeError> {
+    // A host path: read before entering the machine's mount namespace.
+    if let Some(dir) = &spec.seccomp_cache {
+        security::preload_seccomp(dir)?;
+    }
     let pidfd = sys::pidfd_open(spec.leader).map_err(RuntimeError::io(format!(
         "pidfd_open of the machine's init (pid {})",
         spec.leader

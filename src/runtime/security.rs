@@ -2,9 +2,15 @@
 //! runs under.
 
 use std::collections::HashSet;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use caps::{CapSet, Capability};
-use std::os::fd::AsFd;
 
 use libseccomp::{ScmpAction, ScmpArch, ScmpFilterContext, ScmpSyscall};
 use seccompiler::BpfProgram;
@@ -506,10 +512,139 @@ pub const REFUSED_SYSCALLS: &[&str] = &[
     "vm86old",
 ];
 
+/// Bumped whenever [`build_program`] changes what it makes of the same lists
+/// (the lists themselves and libseccomp's version are in the cache key).
+const FILTER_BUILD: u32 = 2;
+
+/// The largest cached filter accepted (the real one is about 8 KiB).
+const MAX_CACHED_FILTER: u64 = 256 * 1024;
+
+static PRELOADED: OnceLock<BpfProgram> = OnceLock::new();
+
+/// The filter every guest process gets: the one [`preload_seccomp`] loaded
+/// into this process (or the process it was forked or cloned from), else
+/// built now.
+pub fn seccomp_program() -> Result<BpfProgram, RuntimeError> {
+    match PRELOADED.get() {
+        Some(program) => Ok(program.clone()),
+        None => build_program(),
+    }
+}
+
+/// Loads the filter for this process from the cache in `dir` (rmachined's
+/// state directory), building it and writing the cache if it is missing or
+/// unusable. libseccomp takes 6 to 9 ms to build the filter, which every
+/// start and every shell paid; reading the cache costs tens of
+/// microseconds. Call it before entering a machine's mount namespace (the
+/// cache is a host path). A cache that cannot be read or written only costs
+/// the build.
+pub fn preload_seccomp(dir: &Path) -> Result<(), RuntimeError> {
+    if PRELOADED.get().is_some() {
+        return Ok(());
+    }
+    let path = cache_path(dir);
+    let program = match read_cached(&path) {
+        Some(program) => program,
+        None => {
+            let program = build_program()?;
+            if let Err(err) = write_cached(dir, &path, &program) {
+                tracing::debug!(path = %path.display(), %err, "cannot cache the seccomp filter");
+            }
+            program
+        }
+    };
+    let _ = PRELOADED.set(program);
+    Ok(())
+}
+
+/// `DIR/seccomp-KEY.bpf`, KEY a hash of everything the filter is made of.
+fn cache_path(dir: &Path) -> PathBuf {
+    let mut hasher = std::hash::DefaultHasher::new();
+    FILTER_BUILD.hash(&mut hasher);
+    ALLOWED_SYSCALLS.hash(&mut hasher);
+    REFUSED_SYSCALLS.hash(&mut hasher);
+    format!("{:?}", ScmpArch::native()).hash(&mut hasher);
+    if let Ok(version) = libseccomp::ScmpVersion::current() {
+        (version.major, version.minor, version.micro).hash(&mut hasher);
+    }
+    dir.join(format!("seccomp-{:016x}.bpf", hasher.finish()))
+}
+
+/// The cached filter, if it is a plain file that only this user can have
+/// written, of a plausible size: anything else is rebuilt.
+fn read_cached(path: &Path) -> Option<BpfProgram> {
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    let trusted = meta.is_file()
+        && meta.uid() == nix::unistd::geteuid().as_raw()
+        && meta.mode() & 0o022 == 0
+        && meta.len() > 0
+        && meta.len() <= MAX_CACHED_FILTER
+        && meta.len() % 8 == 0;
+    if !trusted {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    Read::by_ref(&mut file)
+        .take(MAX_CACHED_FILTER + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    (bytes.len() as u64 == meta.len()).then(|| to_program(&bytes))
+}
+
+/// Writes the cache atomically (0600) and removes the caches of other keys
+/// (an older build or libseccomp).
+fn write_cached(dir: &Path, path: &Path, program: &BpfProgram) -> std::io::Result<()> {
+    let mut temp = tempfile::Builder::new()
+        .prefix(".seccomp-")
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)?;
+    let bytes: Vec<u8> = program
+        .iter()
+        .flat_map(|insn| {
+            let mut raw = [0u8; 8];
+            raw[0..2].copy_from_slice(&insn.code.to_ne_bytes());
+            raw[2] = insn.jt;
+            raw[3] = insn.jf;
+            raw[4..8].copy_from_slice(&insn.k.to_ne_bytes());
+            raw
+        })
+        .collect();
+    temp.write_all(&bytes)?;
+    temp.persist(path).map_err(|e| e.error)?;
+    for entry in fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("seccomp-") && name.ends_with(".bpf") && entry.path() != path {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+fn to_program(bytes: &[u8]) -> BpfProgram {
+    bytes
+        .chunks_exact(8)
+        .map(|insn| seccompiler::sock_filter {
+            code: u16::from_ne_bytes([insn[0], insn[1]]),
+            jt: insn[2],
+            jf: insn[3],
+            k: u32::from_ne_bytes([insn[4], insn[5], insn[6], insn[7]]),
+        })
+        .collect()
+}
+
 /// Builds the filter with libseccomp: the native ABI and, on x86_64, the
 /// i386 one, each filtered by name (a 32-bit guest binary works as a 64-bit
 /// one does); x32 calls, and those of any other ABI, fail with ENOSYS.
-pub fn seccomp_program() -> Result<BpfProgram, RuntimeError> {
+/// Rules are laid out as a binary tree (libseccomp's optimize level 2): a
+/// guest system call passes about ten comparisons rather than up to
+/// several hundred.
+fn build_program() -> Result<BpfProgram, RuntimeError> {
     let err = |step: &str| {
         let step = step.to_owned();
         move |e: libseccomp::error::SeccompError| RuntimeError::Setup {
@@ -523,6 +658,8 @@ pub fn seccomp_program() -> Result<BpfProgram, RuntimeError> {
     ctx.set_ctl_nnp(false)
         .map_err(err("seccomp filter attributes"))?;
     ctx.set_act_badarch(ScmpAction::Errno(libc::ENOSYS))
+        .map_err(err("seccomp filter attributes"))?;
+    ctx.set_filter_attr(libseccomp::ScmpFilterAttr::CtlOptimize, 2)
         .map_err(err("seccomp filter attributes"))?;
     if ScmpArch::native() == ScmpArch::X8664 {
         ctx.add_arch(ScmpArch::X86)
@@ -541,21 +678,12 @@ pub fn seccomp_program() -> Result<BpfProgram, RuntimeError> {
                 .map_err(err(&format!("adding {name} to the seccomp filter")))?;
         }
     }
-    let bytes = export(&ctx)?;
-    Ok(bytes
-        .chunks_exact(8)
-        .map(|insn| seccompiler::sock_filter {
-            code: u16::from_ne_bytes([insn[0], insn[1]]),
-            jt: insn[2],
-            jf: insn[3],
-            k: u32::from_ne_bytes([insn[4], insn[5], insn[6], insn[7]]),
-        })
-        .collect())
+    Ok(to_program(&export(&ctx)?))
 }
 
 /// The filter as classic BPF (libseccomp 2.5 exports only to a descriptor).
 fn export(ctx: &ScmpFilterContext) -> Result<Vec<u8>, RuntimeError> {
-    use std::io::{Read, Seek};
+    use std::io::Seek;
     let fd = nix::sys::memfd::memfd_create(c"seccomp", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
         .map_err(|e| RuntimeError::io("memfd for the seccomp filter")(e.into()))?;
     ctx.export_bpf(fd.as_fd())
@@ -611,7 +739,7 @@ mod tests {
 
     #[test]
     fn filter_compiles_allows_and_refuses_on_purpose() {
-        let program = seccomp_program().expect("filter builds");
+        let program = build_program().expect("filter builds");
         assert!(program.len() > ALLOWED_SYSCALLS.len() / 2);
         let allowed: HashSet<&str> = ALLOWED_SYSCALLS.iter().copied().collect();
         let refused: HashSet<&str> = REFUSED_SYSCALLS.iter().copied().collect();
@@ -630,6 +758,34 @@ mod tests {
         for call in ["keyctl", "add_key", "request_key", "bpf", "perf_event_open"] {
             assert!(refused.contains(call), "{call}");
         }
+    }
+
+    #[test]
+    fn the_cached_filter_is_the_built_one_and_a_bad_cache_is_rebuilt() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let built = build_program().expect("filter builds");
+        let path = cache_path(dir.path());
+        assert!(read_cached(&path).is_none());
+        write_cached(dir.path(), &path, &built).expect("cache written");
+        let meta = fs::metadata(&path).expect("cache file");
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(read_cached(&path).as_ref(), Some(&built));
+        // Writable by others, truncated, or a symlink: not used.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert!(read_cached(&path).is_none());
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let bytes = fs::read(&path).expect("read");
+        fs::write(&path, &bytes[..bytes.len() - 3]).expect("truncate");
+        assert!(read_cached(&path).is_none());
+        fs::remove_file(&path).expect("rm");
+        std::os::unix::fs::symlink("/etc/passwd", &path).expect("symlink");
+        assert!(read_cached(&path).is_none());
+        // A cache of another key goes when this one is written.
+        let stale = dir.path().join("seccomp-0000000000000000.bpf");
+        fs::write(&stale, b"12345678").expect("stale cache");
+        fs::remove_file(&path).expect("rm");
+        write_cached(dir.path(), &path, &built).expect("cache written");
+        assert!(!stale.exists());
     }
 
     #[test]

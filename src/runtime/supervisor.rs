@@ -273,6 +273,14 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
     };
+    // The seccomp filter from rmachined's cache (state/machines/NAME/../..),
+    // before any clone: the container child inherits it.
+    if let Some(state) = dir.parent().and_then(Path::parent) {
+        if let Err(err) = super::security::preload_seccomp(state) {
+            eprintln!("rmachined supervisor: {err}");
+            return 1;
+        }
+    }
     // Detach: the launcher's child exits at once, so the daemon never has
     // to reap (or keep a thread waiting for) a supervisor, and the real
     // supervisor is nobody's child but init's (or a subreaper's).
