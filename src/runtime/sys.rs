@@ -482,24 +482,27 @@ const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
 const BPF_CGROUP_DEVICE: u32 = 6;
 const BPF_F_ALLOW_MULTI: u32 = 2;
 
-/// Loads `insns` as a `BPF_PROG_TYPE_CGROUP_DEVICE` program and attaches it
-/// to `cgroup` (cgroup2) with `BPF_F_ALLOW_MULTI`, so programs attached
-/// above and below all have to allow an access.
-pub fn attach_device_program(cgroup: BorrowedFd<'_>, insns: &[BpfInsn]) -> io::Result<()> {
+/// `BPF_PROG_LOAD` of a cgroup device program; with `log`, the verifier
+/// writes its reasons there.
+fn load_device_program(insns: &[BpfInsn], log: Option<&mut [u8]>) -> io::Result<OwnedFd> {
     let license = c"GPL";
-    let mut log = vec![0u8; 4096];
+    let (log_level, log_size, log_buf) = match log {
+        Some(log) => (1, log.len() as u32, log.as_mut_ptr() as u64),
+        None => (0, 0, 0),
+    };
     let load = BpfProgLoad {
         prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        log_level: 1,
-        log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
+        log_level,
+        log_size,
+        log_buf,
         ..BpfProgLoad::default()
     };
     // SAFETY: bpf(2) reads `load` (of the size passed), the instructions and
-    // the license it points at, and writes at most log_size bytes of log.
+    // the license it points at, and writes at most log_size bytes of log
+    // (none when log_buf is null).
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -508,12 +511,28 @@ pub fn attach_device_program(cgroup: BorrowedFd<'_>, insns: &[BpfInsn]) -> io::R
             std::mem::size_of::<BpfProgLoad>(),
         )
     };
-    let prog = match check(ret) {
-        // SAFETY: a new descriptor owned by nobody else.
-        Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+    // SAFETY: a new descriptor owned by nobody else.
+    check(ret).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Loads `insns` as a `BPF_PROG_TYPE_CGROUP_DEVICE` program and attaches it
+/// to `cgroup` (cgroup2) with `BPF_F_ALLOW_MULTI`, so programs attached
+/// above and below all have to allow an access.
+pub fn attach_device_program(cgroup: BorrowedFd<'_>, insns: &[BpfInsn]) -> io::Result<()> {
+    // Without a log first: the verifier's log (level 1) prints its state at
+    // every instruction, which made the load cost about a millisecond per
+    // start. Only a refused program is loaded again, for the log's reason.
+    let prog = match load_device_program(insns, None) {
+        Ok(prog) => prog,
         Err(err) => {
-            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-            let text = String::from_utf8_lossy(&log[..end]);
+            let mut log = vec![0u8; 4096];
+            let text = match load_device_program(insns, Some(&mut log)) {
+                Ok(_) => String::new(),
+                Err(_) => {
+                    let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+                    String::from_utf8_lossy(&log[..end]).into_owned()
+                }
+            };
             return Err(io::Error::new(
                 err.kind(),
                 format!("loading the device program: {err}; verifier: {text}"),
