@@ -205,7 +205,7 @@ pub fn assign_range(
                     let running = running_ids();
                     pick(name, users.size).find(|range| {
                         conflict(*range).is_none()
-                            && !running.iter().any(|id| range.overlaps(*id, *id + 1))
+                            && !runs_in(&running, *range)
                     })
                 }
                 .ok_or_else(|| IdRangeError::Exhausted {
@@ -268,9 +268,31 @@ fn pick(name: &str, size: u32) -> impl Iterator<Item = IdRange> {
     })
 }
 
+/// How long a scan of the host's processes stands for the next picks:
+/// machines started together (hundreds at boot) share one scan instead of
+/// each reading every process's status, which made the cost of a first
+/// start grow with the number of machines already running.
+const RUNNING_IDS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// [`scan_running_ids`], shared for [`RUNNING_IDS_TTL`].
+fn running_ids() -> std::sync::Arc<Vec<u64>> {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    static LAST: Mutex<Option<(Instant, Arc<Vec<u64>>)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((at, ids)) = last.as_ref() {
+        if at.elapsed() < RUNNING_IDS_TTL {
+            return Arc::clone(ids);
+        }
+    }
+    let ids = Arc::new(scan_running_ids());
+    *last = Some((Instant::now(), Arc::clone(&ids)));
+    ids
+}
+
 /// Every uid and gid (real, effective, saved, file system) a process on
 /// the host runs with.
-fn running_ids() -> Vec<u64> {
+fn scan_running_ids() -> Vec<u64> {
     let mut ids = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else {
         return ids;
@@ -304,6 +326,12 @@ fn running_ids() -> Vec<u64> {
     ids.sort_unstable();
     ids.dedup();
     ids
+}
+
+/// Whether one of the sorted `ids` falls in `range`.
+fn runs_in(ids: &[u64], range: IdRange) -> bool {
+    let first = ids.partition_point(|id| *id < u64::from(range.base));
+    ids.get(first).is_some_and(|id| *id < range.end())
 }
 
 /// Ids the host already uses: sub-id ranges and the uids/gids of its users
@@ -504,6 +532,29 @@ mod tests {
 
     fn natural(name: &str, size: u32) -> IdRange {
         pick(name, size).next().unwrap()
+    }
+
+    #[test]
+    fn a_running_id_inside_a_range_is_found_by_its_sorted_search() {
+        let range = IdRange {
+            base: 100,
+            size: 10,
+        };
+        assert!(!runs_in(&[], range));
+        assert!(!runs_in(&[5, 99, 110, 200], range), "just outside");
+        assert!(runs_in(&[5, 100, 200], range), "first id");
+        assert!(runs_in(&[109], range), "last id");
+        assert!(runs_in(&[1, 2, 105], range));
+    }
+
+    #[test]
+    fn the_running_ids_scan_sees_this_process_and_is_shared() {
+        let first = running_ids();
+        // Non-root test runs only scan what they may read; root's own ids
+        // are shareable (never a machine's), so check with the scan itself.
+        assert!(first.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
+        let second = running_ids();
+        assert!(std::sync::Arc::ptr_eq(&first, &second), "one scan within the TTL");
     }
 
     #[test]
