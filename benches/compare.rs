@@ -251,6 +251,69 @@ fn boot_and_stop(opts: &Options, rows: &mut Vec<Row>, breakdown: &mut Vec<(Strin
     });
 }
 
+/// What `[resources]` limits cost (issue 14: boot and start no worse with
+/// limits set): the same machines with and without limits, alternating.
+/// The limits are generous (nothing is throttled), so the figures show the
+/// cost of setting them up: cgroup files written, v1 hierarchies joined.
+const LIMITS: &str = "[resources]\nmemory = \"2G\"\nmemory_high = \"1536M\"\ncpus = 2\ncpu_weight = 100\ntasks = 2048\nio_weight = 100\n";
+
+async fn limits_cost(opts: &Options, rows: &mut Vec<Row>) {
+    let busybox = support::fixture("busybox");
+    let debian = support::fixture("debian");
+    let once = "boot = false\ncommand = [\"/bin/true\"]\n[network]\nmode = \"none\"\n";
+    let h = Harness::start_with(|c| {
+        write_definition(c, "true", &busybox, once);
+        write_definition(c, "true-lim", &busybox, &format!("{once}{LIMITS}"));
+        write_definition(c, "deb", &debian, "");
+        write_definition(c, "deb-lim", &debian, LIMITS);
+    });
+    let conn = h.connection().await;
+    let manager = ManagerProxy::new(&conn).await.unwrap();
+    let (mut start_lim, mut start_plain) = (vec![], vec![]);
+    for _ in 0..opts.runs * 4 {
+        for (name, out) in [("true-lim", &mut start_lim), ("true", &mut start_plain)] {
+            let mut changes = manager.receive_state_changed().await.unwrap();
+            let started = Instant::now();
+            manager.start(name).await.expect("Start");
+            loop {
+                let signal = tokio::time::timeout(Duration::from_secs(10), changes.next())
+                    .await
+                    .expect("machine never ended")
+                    .unwrap();
+                let args = signal.args().unwrap();
+                if args.name() == name && (args.state() == "stopped" || args.state() == "failed") {
+                    assert_eq!(args.state(), "stopped", "{name} failed");
+                    break;
+                }
+            }
+            out.push(ms(started.elapsed()));
+        }
+    }
+    let (mut boot_lim, mut boot_plain) = (vec![], vec![]);
+    for _ in 0..opts.runs {
+        for (name, out) in [("deb-lim", &mut boot_lim), ("deb", &mut boot_plain)] {
+            out.push(ms(rmachinectl(&h, &["start", name])));
+            rmachinectl(&h, &["stop", name]);
+        }
+    }
+    rows.push(Row {
+        case: "start overhead with [resources] limits (busybox, /bin/true)".into(),
+        ours: start_lim,
+        reference: start_plain,
+        reference_name: "the same machine without limits".into(),
+        unit: "ms",
+        target: "ratio <= 1.1".into(),
+    });
+    rows.push(Row {
+        case: "boot to ready with [resources] limits (Debian)".into(),
+        ours: boot_lim,
+        reference: boot_plain,
+        reference_name: "the same machine without limits".into(),
+        unit: "ms",
+        target: "ratio <= 1.1".into(),
+    });
+}
+
 /// A machine made from an imported Debian image: `create` (which copies
 /// nothing) against copying the tree, and its boot to ready on the overlay
 /// root against the same tree used as `root`.
@@ -819,6 +882,10 @@ fn main() {
     if runs_case("start") {
         eprintln!("start overhead ...");
         runtime.block_on(start_overhead(&opts, &mut rows));
+    }
+    if runs_case("limits") {
+        eprintln!("[resources] limits ...");
+        runtime.block_on(limits_cost(&opts, &mut rows));
     }
     if runs_case("image") {
         eprintln!("machines from an image ...");

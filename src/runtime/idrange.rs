@@ -203,10 +203,8 @@ pub fn assign_range(
                     // host runs with (another container manager's ranges,
                     // ids nobody wrote down).
                     let running = running_ids();
-                    pick(name, users.size).find(|range| {
-                        conflict(*range).is_none()
-                            && !runs_in(&running, *range)
-                    })
+                    pick(name, users.size)
+                        .find(|range| conflict(*range).is_none() && !runs_in(&running, *range))
                 }
                 .ok_or_else(|| IdRangeError::Exhausted {
                     machine: name.to_string(),
@@ -552,9 +550,15 @@ mod tests {
         let first = running_ids();
         // Non-root test runs only scan what they may read; root's own ids
         // are shareable (never a machine's), so check with the scan itself.
-        assert!(first.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
+        assert!(
+            first.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no duplicates"
+        );
         let second = running_ids();
-        assert!(std::sync::Arc::ptr_eq(&first, &second), "one scan within the TTL");
+        assert!(
+            std::sync::Arc::ptr_eq(&first, &second),
+            "one scan within the TTL"
+        );
     }
 
     #[test]
