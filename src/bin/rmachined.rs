@@ -28,6 +28,7 @@ fn main() -> ExitCode {
     }
 
     let args = Args::parse();
+    limit_malloc_arenas();
     rmachines::daemon::init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -53,5 +54,19 @@ fn main() -> ExitCode {
             tracing::error!("{error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// glibc gives every thread that allocates its own malloc arena (up to 8
+/// per core); the daemon's tokio workers and blocking threads then keep
+/// memory freed in one arena from serving another. Two arenas cut the
+/// daemon's RSS by about 3 MiB per 300 machines (docs/performance.md) at no
+/// measurable cost: the daemon's hot paths are system calls, not malloc.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt(3) only changes a malloc parameter; called before
+        // any other thread exists.
+        let _ = unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     }
 }
