@@ -74,11 +74,10 @@ const DRAIN_POLL_MS: u16 = 100;
 
 impl ShellOptions {
     pub(crate) async fn run(&self, manager: &ManagerProxy<'static>) -> Result<i32, CliError> {
-        if let Some(entry) = self.setenv.iter().find(|entry| !entry.contains('=')) {
-            return Err(CliError::Failed(format!(
-                "--setenv wants KEY=VALUE, not {entry:?}"
-            )));
-        }
+        // The daemon's own check, made before calling (the sentence then
+        // needs no round trip).
+        crate::dbus::validate::check_environment(&self.setenv)
+            .map_err(|why| CliError::Failed(format!("--setenv: {why}")))?;
         let use_pty =
             self.tty || (!self.no_tty && terminal::stdin_is_tty() && terminal::stdout_is_tty());
         if !use_pty {

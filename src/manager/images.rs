@@ -65,7 +65,10 @@ impl Manager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
-        let info = result.map_err(|e| ManagerError::Io(format!("the import stopped: {e}")))??;
+        let info = result.map_err(|source| ManagerError::Task {
+            what: "the import stopped",
+            source,
+        })??;
         tracing::info!(
             image = name,
             files = info.stats.files,
@@ -123,7 +126,10 @@ impl Manager {
         let owned = name.to_owned();
         tokio::task::spawn_blocking(move || image::remove(&images, &owned))
             .await
-            .map_err(|e| ManagerError::Io(e.to_string()))??;
+            .map_err(|source| ManagerError::Task {
+                what: "removing the image",
+                source,
+            })??;
         self.reload().await?;
         Ok(())
     }
