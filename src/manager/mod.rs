@@ -7,6 +7,7 @@
 //! - [`reload`]: the reload diff (definitions → actions, pure);
 //! - [`plan`]: definition + registries → `MachinePlan`, and giving back;
 //! - [`link`]: the control socket to one supervisor;
+//! - `definitions`: reload (reads the directory, applies the diff);
 //! - `lifecycle`: start, stop, adoption, a supervisor's end;
 //! - `session`: shells and commands in a running machine;
 //! - `machined`: registration with the host's systemd-machined;
@@ -23,12 +24,12 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, oneshot};
 
-use crate::definition::{load_dir, validate_name, Definition};
+use crate::definition::{validate_name, Definition};
 use crate::image::{self, ImageError};
 use crate::network::{self, NetworkConfig};
-use crate::runtime::protocol::{now_usec, Command};
 use crate::runtime::{self, enter, paths, MachinePlan, RuntimeError};
 
+mod definitions;
 mod images;
 mod lifecycle;
 mod link;
@@ -369,181 +370,6 @@ impl Manager {
         Ok(logs)
     }
 
-    /// Re-reads the definitions; running machines are not disturbed, except
-    /// that they take new `[resources]` at once. What to do is
-    /// [`reload::diff`]'s; this applies it.
-    pub async fn reload(&self) -> Result<ReloadSummary, ManagerError> {
-        let dir = self.inner.config.config_dir.clone();
-        let images = crate::image::images_dir(&self.inner.config.storage_dir);
-        let loaded = tokio::task::spawn_blocking(move || load_dir(&dir, &images))
-            .await
-            .map_err(|source| ManagerError::Task {
-                what: "reading the definitions",
-                source,
-            })?;
-        let loaded = match loaded {
-            Ok(loaded) => loaded,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(err) => {
-                let dir = self.inner.config.config_dir.display();
-                return Err(io_err(&format!("reading {dir}"))(err));
-            }
-        };
-        let mut loaded: BTreeMap<String, (PathBuf, Result<Definition, String>)> = {
-            // Found in file order; kept by name for the actions.
-            let mut by_name = BTreeMap::new();
-            for item in loaded {
-                by_name.insert(
-                    item.name,
-                    (item.file, item.result.map_err(|e| e.to_string())),
-                );
-            }
-            by_name
-        };
-        let mut summary = ReloadSummary::default();
-        let mut events = Vec::new();
-        let mut limits = Vec::new();
-        let mut forgotten = Vec::new();
-        {
-            let mut machines = self.lock();
-            let known = machines
-                .iter()
-                .map(|(name, entry)| {
-                    let known = reload::Known {
-                        supervised: entry.supervisor.is_some(),
-                        running_with: entry
-                            .supervisor
-                            .as_ref()
-                            .and(entry.plan.as_ref())
-                            .map(|plan| plan.definition.resources),
-                    };
-                    (name.clone(), known)
-                })
-                .collect();
-            let found: Vec<reload::Found<'_>> = loaded
-                .iter()
-                .map(|(name, (_, definition))| reload::Found {
-                    name,
-                    resources: definition.as_ref().ok().map(|d| d.resources),
-                })
-                .collect();
-            let actions = reload::diff(&known, &found);
-            drop(found);
-            for action in actions {
-                match action {
-                    reload::Action::Add { name } => {
-                        let Some((file, definition)) = loaded.remove(&name) else {
-                            continue;
-                        };
-                        let info = MachineInfo::defined(&name, &file, &definition, now_usec());
-                        summary.added.push(name.clone());
-                        events.push(Event::MachineAdded { name: name.clone() });
-                        machines.insert(name, Entry::new(info, definition));
-                    }
-                    reload::Action::Redefine { name } => {
-                        let (Some((file, definition)), Some(entry)) =
-                            (loaded.get(&name), machines.get_mut(&name))
-                        else {
-                            continue;
-                        };
-                        let fresh = MachineInfo::defined(&name, file, definition, now_usec());
-                        let before = entry.info.clone();
-                        let supervised = entry.supervisor.is_some();
-                        let change =
-                            entry
-                                .info
-                                .redefine(&entry.definition, definition, fresh, supervised);
-                        events.extend(change_event(&name, change, before, &entry.info));
-                        entry.definition = definition.clone();
-                    }
-                    reload::Action::ApplyResources { name, resources } => {
-                        let Some(entry) = machines.get(&name) else {
-                            continue;
-                        };
-                        if let (Some(link), Some(plan)) = (&entry.supervisor, &entry.plan) {
-                            limits.push((name, plan.clone(), resources, link.clone()));
-                        }
-                    }
-                    reload::Action::Orphan { name } => {
-                        if let Some(entry) = machines.get_mut(&name) {
-                            // Keeps running; forgotten when it stops.
-                            entry.definition = Err("the definition file was removed".into());
-                        }
-                    }
-                    reload::Action::Forget { name } => {
-                        machines.remove(&name);
-                        summary.removed.push(name.clone());
-                        forgotten.push(name.clone());
-                        events.push(Event::MachineRemoved { name });
-                    }
-                }
-            }
-        }
-        for event in events {
-            self.emit(event);
-        }
-        self.release(forgotten).await;
-        self.apply_limits(limits).await?;
-        Ok(summary)
-    }
-
-    /// The file is the truth: running machines take their new limits now.
-    async fn apply_limits(
-        &self,
-        changed: Vec<(
-            String,
-            MachinePlan,
-            crate::definition::Resources,
-            SupervisorLink,
-        )>,
-    ) -> Result<(), ManagerError> {
-        let mut failures = Vec::new();
-        for (name, plan, resources, link) in changed {
-            let applied = tokio::task::spawn_blocking(move || {
-                runtime::resources::update(&plan, &resources).map(|()| resources)
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-            match applied {
-                Ok(resources) => {
-                    tracing::info!(machine = name, "applied the new [resources]");
-                    if let Some(plan) = self.lock().get_mut(&name).and_then(|e| e.plan.as_mut()) {
-                        plan.definition.resources = resources;
-                    }
-                    link.send(Command::SetResources(resources));
-                }
-                Err(message) => {
-                    tracing::warn!(machine = name, "{message}");
-                    failures.push(format!("{name}: {message}"));
-                }
-            }
-        }
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            Err(ManagerError::LimitsNotApplied(failures))
-        }
-    }
-
-    /// Gives back the registry entries (id range, address) of machines
-    /// just forgotten: their definition is gone and they are stopped.
-    async fn release(&self, forgotten: Vec<String>) {
-        if forgotten.is_empty() {
-            return;
-        }
-        let config = self.inner.config.clone();
-        let released = tokio::task::spawn_blocking(move || {
-            for name in forgotten {
-                plan::release(&config, &name);
-            }
-        })
-        .await;
-        if let Err(err) = released {
-            tracing::warn!(%err, "giving back the registries' entries");
-        }
-    }
-
     /// A machine's resource accounting, read from its cgroups now
     /// ([`runtime::resources::Usage::UNKNOWN`] when it is not running).
     pub fn usage(&self, name: &str) -> runtime::resources::Usage {
@@ -559,28 +385,6 @@ impl Manager {
         plan.map_or(runtime::resources::Usage::UNKNOWN, |plan| {
             runtime::resources::usage(&plan)
         })
-    }
-
-    /// Forgets a stopped machine whose definition file is gone (and gives
-    /// back what it held in the registries).
-    async fn forget_if_undefined(&self, name: &str) {
-        let removed = {
-            let mut machines = self.lock();
-            let file = machines
-                .get(name)
-                .filter(|e| e.supervisor.is_none())
-                .map(|e| PathBuf::from(&e.info.definition));
-            match file {
-                Some(file) if !file.exists() => machines.remove(name).is_some(),
-                _ => false,
-            }
-        };
-        if removed {
-            self.emit(Event::MachineRemoved {
-                name: name.to_owned(),
-            });
-            self.release(vec![name.to_owned()]).await;
-        }
     }
 
     /// Starts every machine with `autostart = true`, without waiting for them.
