@@ -12,7 +12,7 @@ impl Manager {
     /// Uses the host's systemd from now on: machines start in scopes and
     /// are registered with machined; running (re-adopted) machines are
     /// registered now if they are not yet.
-    pub async fn use_systemd(&self, host: crate::systemd::Host) {
+    pub(crate) async fn use_systemd(&self, host: crate::systemd::Host) {
         if self.inner.systemd.set(host).is_err() {
             return;
         }

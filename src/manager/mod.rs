@@ -40,7 +40,6 @@ mod session;
 mod state;
 
 pub use crate::runtime::protocol::MachineState;
-pub use images::ImageUse;
 pub use plan::PlanError;
 pub use state::MachineInfo;
 
@@ -262,7 +261,7 @@ fn change_event(
 
 impl Manager {
     /// Loads every definition and re-adopts machines whose supervisors still run.
-    pub async fn new(config: ManagerConfig) -> Result<Self, ManagerError> {
+    pub(crate) async fn new(config: ManagerConfig) -> Result<Self, ManagerError> {
         let helper = std::env::current_exe().map_err(io_err("finding the rmachined binary"))?;
         Self::with_helper(config, helper).await
     }
@@ -352,7 +351,7 @@ impl Manager {
     /// The machine's console log, opened read-only: the rotated file
     /// (`console.log.1`) first when there is one, then the current one.
     /// Empty when the machine never ran.
-    pub fn console_logs(&self, name: &str) -> Result<Vec<OwnedFd>, ManagerError> {
+    pub(crate) fn console_logs(&self, name: &str) -> Result<Vec<OwnedFd>, ManagerError> {
         self.get(name)?;
         let dir = runtime::machine_dir(&self.inner.config.state_dir, name);
         let mut logs = Vec::new();
@@ -372,7 +371,7 @@ impl Manager {
 
     /// A machine's resource accounting, read from its cgroups now
     /// ([`runtime::resources::Usage::UNKNOWN`] when it is not running).
-    pub fn usage(&self, name: &str) -> runtime::resources::Usage {
+    pub(crate) fn usage(&self, name: &str) -> runtime::resources::Usage {
         let plan = {
             let machines = self.lock();
             match machines.get(name) {
@@ -388,7 +387,7 @@ impl Manager {
     }
 
     /// Starts every machine with `autostart = true`, without waiting for them.
-    pub fn autostart(&self) {
+    pub(crate) fn autostart(&self) {
         let names: Vec<String> = self
             .lock()
             .values()
@@ -439,7 +438,7 @@ impl Manager {
     }
 
     /// How many machines have a supervisor (starting, running or stopping).
-    pub fn active_count(&self) -> usize {
+    pub(crate) fn active_count(&self) -> usize {
         self.lock()
             .values()
             .filter(|e| e.supervisor.is_some())
@@ -447,7 +446,7 @@ impl Manager {
     }
 
     /// How many machines are running (for the daemon's status line).
-    pub fn running_count(&self) -> usize {
+    pub(crate) fn running_count(&self) -> usize {
         self.lock()
             .values()
             .filter(|e| e.info.state == MachineState::Running)

@@ -73,7 +73,7 @@ impl Manager {
     /// root) inside the machine with `stdio` (the caller's descriptors) as
     /// its fd 0, 1 and 2: no pty, no relay. Returns the session number that
     /// [`Event::ShellExited`] reports.
-    pub async fn execute(
+    pub(crate) async fn execute(
         &self,
         name: &str,
         user: &str,
@@ -103,14 +103,14 @@ impl Manager {
 
     /// Ends a session whose caller went away: its command gets SIGHUP (as
     /// from a terminal hangup), the helpers SIGKILL. Returns whether it ran.
-    pub fn hang_up(&self, session: u32) -> bool {
+    pub(crate) fn hang_up(&self, session: u32) -> bool {
         self.sessions()
             .remove(&session)
             .is_some_and(|hang_up| hang_up.send(()).is_ok())
     }
 
     /// Whether a session is still running.
-    pub fn session_running(&self, session: u32) -> bool {
+    pub(crate) fn session_running(&self, session: u32) -> bool {
         self.sessions().contains_key(&session)
     }
 
