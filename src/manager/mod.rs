@@ -176,6 +176,8 @@ pub enum Failure {
     Spawn(#[source] std::io::Error),
     #[error("looking the user up in the guest's /etc/passwd: no answer within {0:?}")]
     LookupTimedOut(std::time::Duration),
+    #[error("looking the user up: {0}")]
+    Lookup(#[source] tokio::task::JoinError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]

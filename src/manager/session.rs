@@ -154,7 +154,7 @@ impl Manager {
                 return Err(ManagerError::NotRunning(name.to_owned()))
             }
             Ok(Ok(Err(other))) => return Err(failed(other.into())),
-            Ok(Err(join)) => return Err(failed(join.into())),
+            Ok(Err(join)) => return Err(failed(Failure::Lookup(join))),
             Err(_) => return Err(failed(Failure::LookupTimedOut(GUEST_LOOKUP_TIMEOUT))),
         };
         Ok(SessionTarget { plan, leader, user })
