@@ -97,12 +97,6 @@ pub struct RunOptions {
     pub stop_machines_on_exit: bool,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT with the default options: the
-/// machines keep running when it exits.
-pub async fn run(config: ManagerConfig) -> Result<(), DaemonError> {
-    run_with(config, RunOptions::default()).await
-}
-
 /// Runs the daemon until SIGTERM or SIGINT; then it exits, leaving the
 /// machines to their supervisors unless `options` say to stop them.
 pub async fn run_with(config: ManagerConfig, options: RunOptions) -> Result<(), DaemonError> {

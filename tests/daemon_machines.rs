@@ -287,8 +287,32 @@ fn shell_on_a_tty(
         .stderr(slave.try_clone().unwrap())
         .spawn()
         .unwrap();
+    // The output is read as it comes: a resize waits for the command's
+    // "ready" (by then rmachinectl relays, its SIGWINCH handler in place).
+    let mut master = std::fs::File::from(pty.master);
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let reader = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        // A pty whose other side closed reads EIO: that is the end.
+        while let Ok(n @ 1..) = master.read(&mut chunk) {
+            if seen_tx.send(chunk[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = Vec::new();
     if let Some((rows, cols)) = resize_to {
-        std::thread::sleep(Duration::from_millis(600));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !String::from_utf8_lossy(&out).contains("ready") {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match seen_rx.recv_timeout(left) {
+                Ok(bytes) => out.extend(bytes),
+                Err(_) => panic!(
+                    "the command never printed ready: {:?}",
+                    String::from_utf8_lossy(&out)
+                ),
+            }
+        }
         let size = libc::winsize {
             ws_row: rows,
             ws_col: cols,
@@ -312,9 +336,8 @@ fn shell_on_a_tty(
     let status = child.wait().unwrap();
     let modes = nix::sys::termios::tcgetattr(&slave).unwrap();
     drop(slave);
-    let mut master = std::fs::File::from(pty.master);
-    let mut out = Vec::new();
-    let _ = master.read_to_end(&mut out);
+    reader.join().expect("the pty reader panicked");
+    out.extend(seen_rx.try_iter().flatten());
     (
         String::from_utf8_lossy(&out).into_owned(),
         modes,
@@ -347,7 +370,8 @@ async fn shell_on_a_terminal_passes_the_window_size_and_restores_the_mode() {
             "--",
             "/bin/sh",
             "-c",
-            "sleep 2; stty size; exit 3",
+            // Waits (bounded) for the new size rather than for a guess of time.
+            "echo ready; i=0; while [ \"$(stty size)\" = \"24 80\" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; stty size; exit 3",
         ],
         24,
         80,

@@ -102,18 +102,18 @@ async fn start_shell_stop_and_the_state_sequence() {
         .unwrap();
     let mut output = Vec::new();
     let mut master = std::fs::File::from(session.pty_master);
-    let _ = tokio::task::spawn_blocking(move || {
+    // Reading a pty whose other side closed ends in EIO: what was read counts.
+    let output = tokio::task::spawn_blocking(move || {
         let _ = master.read_to_end(&mut output);
         output
     })
     .await
-    .map(|o| {
-        assert!(
-            String::from_utf8_lossy(&o).contains("shell-ok"),
-            "{}",
-            String::from_utf8_lossy(&o)
-        )
-    });
+    .expect("the pty reader panicked");
+    assert!(
+        String::from_utf8_lossy(&output).contains("shell-ok"),
+        "{}",
+        String::from_utf8_lossy(&output)
+    );
     let mut states = Vec::new();
     let status = loop {
         match tokio::time::timeout(Duration::from_secs(10), events.recv())
@@ -139,7 +139,7 @@ async fn start_shell_stop_and_the_state_sequence() {
         Err(ManagerError::NotRunning(_))
     ));
     while let Ok(event) = events.try_recv() {
-        if let Event::StateChanged { name, state } = event {
+        if let Event::StateChanged { name, state, .. } = event {
             assert_eq!(name, "mgr-a");
             states.push(state);
         }
@@ -307,4 +307,61 @@ async fn a_new_daemon_readopts_machines_that_outlived_the_old_one() {
     assert!(!rmachines::runtime::cgroup::machine_cgroup_path("adopted")
         .unwrap()
         .exists());
+}
+
+/// Whether a registry file under the storage directory names `machine`.
+fn registry_names(storage: &std::path::Path, file: &str, machine: &str) -> bool {
+    std::fs::read_to_string(storage.join(file))
+        .map(|text| text.contains(&format!("\"{machine}\"")))
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_definition_gives_back_its_ids_and_address() {
+    let private = format!(
+        "root = {:?}\n[network]\nmode = \"private\"\n",
+        fixture("busybox")
+    );
+    let env = Env::new(&[("gone-stopped", private.clone()), ("gone-running", private)]).await;
+    let m = &env.manager;
+    let storage = env.dirs.path().join("lib");
+    let config = env.dirs.path().join("etc");
+    for name in ["gone-stopped", "gone-running"] {
+        m.start(name).await.unwrap();
+        wait_running(m, name).await;
+        for file in ["idranges.json", "addresses.json"] {
+            assert!(
+                registry_names(&storage, file, name),
+                "{name} not in {file} while it runs"
+            );
+        }
+    }
+    // Stopped, then its file removed: forgotten at the reload.
+    m.stop("gone-stopped").await.unwrap();
+    std::fs::remove_file(config.join("gone-stopped.toml")).unwrap();
+    // Running, its file removed: kept until it stops.
+    std::fs::remove_file(config.join("gone-running.toml")).unwrap();
+    let summary = m.reload().await.unwrap();
+    assert_eq!(summary.removed, ["gone-stopped"]);
+    for file in ["idranges.json", "addresses.json"] {
+        assert!(
+            !registry_names(&storage, file, "gone-stopped"),
+            "gone-stopped still in {file}"
+        );
+        assert!(
+            registry_names(&storage, file, "gone-running"),
+            "gone-running left {file} while it still runs"
+        );
+    }
+    m.stop("gone-running").await.unwrap();
+    assert!(matches!(
+        m.get("gone-running"),
+        Err(ManagerError::NoSuchMachine(_))
+    ));
+    for file in ["idranges.json", "addresses.json"] {
+        assert!(
+            !registry_names(&storage, file, "gone-running"),
+            "gone-running still in {file} after it stopped"
+        );
+    }
 }

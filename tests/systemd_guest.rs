@@ -45,6 +45,18 @@ fn guest_ok(h: &Harness, user: &str, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The machine's leader (host pid of its init), 0 when it has none.
+fn leader_of(h: &Harness, name: &str) -> u64 {
+    let out = h.rmachinectl(&["list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|entry| entry["name"] == name)
+        .and_then(|entry| entry["leader"].as_u64())
+        .unwrap_or(0)
+}
+
 fn wait_until(h: &Harness, what: &str, script: &str, expected: &str) {
     let mut last = String::new();
     for _ in 0..150 {
@@ -129,8 +141,21 @@ fn the_deb_under_a_real_systemd_and_polkit() {
     );
 
     // After a reboot of the guest, the enabled service is running again.
+    // The reboot is seen as it happens: the machine gets a new leader (its
+    // init restarted), not assumed after a guess of time.
+    let before = leader_of(&h, "pkg-guest");
+    assert_ne!(before, 0, "pkg-guest runs without a leader");
     let _ = guest(&h, "root", "systemctl reboot");
-    std::thread::sleep(Duration::from_secs(2));
+    let mut rebooted = false;
+    for _ in 0..300 {
+        let now = leader_of(&h, "pkg-guest");
+        if now != 0 && now != before {
+            rebooted = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(rebooted, "the guest never rebooted (leader still {before})");
     let mut back = false;
     for _ in 0..100 {
         if guest(&h, "root", "systemctl is-active rmachined")

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use clap::{Parser, Subcommand};
 use zbus::Connection;
 
-pub use remote::Host;
+pub(crate) use remote::Host;
 
 use crate::dbus::proxy::ManagerProxy;
 

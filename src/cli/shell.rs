@@ -73,24 +73,29 @@ Examples:
 const DRAIN_POLL_MS: u16 = 100;
 
 impl ShellOptions {
-    pub(crate) async fn run(&self, manager: &ManagerProxy<'static>) -> Result<i32, CliError> {
-        if let Some(entry) = self.setenv.iter().find(|entry| !entry.contains('=')) {
-            return Err(CliError::Failed(format!(
-                "--setenv wants KEY=VALUE, not {entry:?}"
-            )));
-        }
-        let use_pty =
-            self.tty || (!self.no_tty && terminal::stdin_is_tty() && terminal::stdout_is_tty());
-        if !use_pty {
-            return self.run_direct(manager).await;
-        }
-        let interactive = terminal::stdin_is_tty();
+    /// `--setenv`, and on a terminal the caller's `TERM` unless given.
+    fn pty_environment(&self, interactive: bool) -> Vec<String> {
         let mut environment = self.setenv.clone();
         if interactive && !environment.iter().any(|entry| entry.starts_with("TERM=")) {
             if let Ok(term) = std::env::var("TERM") {
                 environment.push(format!("TERM={term}"));
             }
         }
+        environment
+    }
+
+    pub(crate) async fn run(&self, manager: &ManagerProxy<'static>) -> Result<i32, CliError> {
+        // The daemon's own check, made before calling (the sentence then
+        // needs no round trip).
+        crate::dbus::validate::check_environment(&self.setenv)
+            .map_err(|why| CliError::Failed(format!("--setenv: {why}")))?;
+        let use_pty =
+            self.tty || (!self.no_tty && terminal::stdin_is_tty() && terminal::stdout_is_tty());
+        if !use_pty {
+            return self.run_direct(manager).await;
+        }
+        let interactive = terminal::stdin_is_tty();
+        let environment = self.pty_environment(interactive);
 
         // Subscribe before calling Shell: a quick command may be done before
         // the reply arrives.
@@ -112,17 +117,7 @@ impl ShellOptions {
         };
         let pty: OwnedFd = pty.into();
 
-        let (_raw_mode, eof_char) = if interactive {
-            let _ = terminal::copy_window_size(std::io::stdin().as_fd(), pty.as_fd());
-            let raw = RawMode::enter().map_err(|error| {
-                CliError::Failed(format!("cannot put the terminal in raw mode: {error}"))
-            })?;
-            (Some(raw), None)
-        } else {
-            let eof = terminal::pipe_mode(pty.as_fd())
-                .map_err(|error| CliError::Failed(format!("cannot set up the pty: {error}")))?;
-            (None, Some(eof))
-        };
+        let (_raw_mode, eof_char) = prepare_terminal(interactive, &pty)?;
 
         let exited = Arc::new(AtomicBool::new(false));
         spawn_input_relay(std::io::stdin(), File::from(pty.try_clone()?), eof_char);
@@ -169,6 +164,25 @@ impl ShellOptions {
     }
 }
 
+/// On a terminal: the pty takes its size, the terminal goes raw (restored
+/// when the guard drops). Otherwise the pty passes bytes as a pipe would;
+/// returns the character that makes it see end of file.
+fn prepare_terminal(
+    interactive: bool,
+    pty: &OwnedFd,
+) -> Result<(Option<RawMode>, Option<u8>), CliError> {
+    if interactive {
+        let _ = terminal::copy_window_size(std::io::stdin().as_fd(), pty.as_fd());
+        let raw = RawMode::enter().map_err(|error| {
+            CliError::Failed(format!("cannot put the terminal in raw mode: {error}"))
+        })?;
+        Ok((Some(raw), None))
+    } else {
+        let eof = terminal::pipe_mode(pty.as_fd())
+            .map_err(|error| CliError::Failed(format!("cannot set up the pty: {error}")))?;
+        Ok((None, Some(eof)))
+    }
+}
 impl ShellOptions {
     /// `Execute` with our own stdin, stdout and stderr.
     async fn run_direct(&self, manager: &ManagerProxy<'static>) -> Result<i32, CliError> {

@@ -1,5 +1,7 @@
 //! The errors the daemon returns on the bus, named `org.rmachines1.<Variant>`.
-//! Each carries a sentence a person can act on.
+//! Each carries a sentence a person can act on. This is the one place a
+//! manager error becomes a D-Bus error name (`From<ManagerError>`); the
+//! checks at the boundary (`validate`) make theirs directly.
 
 use crate::image::ImageError;
 use crate::manager::ManagerError;
@@ -32,15 +34,16 @@ impl From<ManagerError> for Error {
     fn from(error: ManagerError) -> Self {
         let message = error.to_string();
         match error {
-            ManagerError::InvalidName(_) | ManagerError::InvalidArgument(_) => {
-                Error::InvalidArgument(message)
-            }
+            ManagerError::InvalidName(_) => Error::InvalidArgument(message),
             ManagerError::NoSuchMachine(_) => Error::NoSuchMachine(message),
             ManagerError::InvalidDefinition { .. } => Error::InvalidDefinition(message),
             ManagerError::AlreadyRunning(_) => Error::AlreadyRunning(message),
             ManagerError::NotRunning(_) => Error::NotRunning(message),
             ManagerError::NoSuchUser { .. } => Error::NoSuchUser(message),
-            ManagerError::Failed { .. } | ManagerError::Io(_) => Error::Failed(message),
+            ManagerError::Failed { .. }
+            | ManagerError::Io { .. }
+            | ManagerError::Task { .. }
+            | ManagerError::LimitsNotApplied(_) => Error::Failed(message),
             ManagerError::MachineExists(_) => Error::MachineExists(message),
             ManagerError::Image(image) => match image {
                 ImageError::InvalidName(_) => Error::InvalidArgument(message),
@@ -98,11 +101,21 @@ mod tests {
             (
                 ManagerError::Failed {
                     name: "x".into(),
-                    message: "m".into(),
+                    source: crate::manager::Failure::SupervisorGone,
                 },
                 "org.rmachines1.Failed",
             ),
-            (ManagerError::Io("io".into()), "org.rmachines1.Failed"),
+            (
+                ManagerError::Io {
+                    what: "reading /etc/rmachines".into(),
+                    source: std::io::Error::other("io"),
+                },
+                "org.rmachines1.Failed",
+            ),
+            (
+                ManagerError::LimitsNotApplied(vec!["web: no cgroup".into()]),
+                "org.rmachines1.Failed",
+            ),
             (
                 ManagerError::MachineExists("x".into()),
                 "org.rmachines1.MachineExists",

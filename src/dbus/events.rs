@@ -3,7 +3,7 @@
 //! and removed as definitions come and go.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use tokio::sync::broadcast::{self, error::RecvError};
 use zbus::names::InterfaceName;
@@ -14,7 +14,7 @@ use zbus::Connection;
 use super::machine::{MachineObject, INTERFACE as MACHINE_INTERFACE};
 use super::manager::ManagerObject;
 use super::{machine_path, MANAGER_PATH};
-use crate::manager::{Event, MachineInfo, MachineState, Manager};
+use crate::manager::{Event, MachineInfo, Manager};
 
 pub(super) fn spawn_forwarder(
     connection: Connection,
@@ -23,21 +23,20 @@ pub(super) fn spawn_forwarder(
 ) {
     let mut forwarder = Forwarder {
         connection,
-        known: manager
-            .list()
-            .into_iter()
-            .map(|info| (info.name.clone(), info))
-            .collect(),
+        served: manager.list().into_iter().map(|info| info.name).collect(),
         manager,
     };
     tokio::spawn(async move { forwarder.run(events).await });
 }
 
+/// Keeps no copy of the machines' state: each event carries the snapshots
+/// it announces. It only knows which Machine objects it serves.
 struct Forwarder {
     connection: Connection,
+    /// Serves the Machine objects; asked again only after missed events.
     manager: Manager,
-    /// The last snapshot announced per machine, to tell what changed.
-    known: HashMap<String, MachineInfo>,
+    /// The machines with an object on the bus.
+    served: BTreeSet<String>,
 }
 
 impl Forwarder {
@@ -62,12 +61,17 @@ impl Forwarder {
 
     async fn forward(&mut self, event: Event) -> zbus::Result<()> {
         match event {
-            Event::StateChanged { name, state } => {
-                self.announce_properties(&name, Some(state)).await?;
+            Event::StateChanged {
+                name,
+                state,
+                before,
+                info,
+            } => {
+                self.announce(Some(&before), &info).await?;
                 let emitter = SignalEmitter::new(&self.connection, MANAGER_PATH)?;
                 ManagerObject::state_changed(&emitter, &name, state.as_str()).await
             }
-            Event::InfoChanged { name } => self.announce_properties(&name, None).await,
+            Event::InfoChanged { before, info, .. } => self.announce(Some(&before), &info).await,
             Event::ShellExited { session, status } => {
                 let emitter = SignalEmitter::new(&self.connection, MANAGER_PATH)?;
                 ManagerObject::shell_exited(&emitter, session, status).await
@@ -82,43 +86,26 @@ impl Forwarder {
     }
 
     async fn add(&mut self, name: &str) -> zbus::Result<()> {
-        match self.manager.get(name) {
-            Ok(info) => {
-                self.known.insert(name.to_owned(), info);
-                MachineObject::serve_at(&self.connection, self.manager.clone(), name).await?;
-            }
-            Err(error) => tracing::warn!(name, "added machine is gone already: {error}"),
+        if self.served.insert(name.to_owned()) {
+            MachineObject::serve_at(&self.connection, self.manager.clone(), name).await?;
         }
         Ok(())
     }
 
     async fn remove(&mut self, name: &str) -> zbus::Result<()> {
-        self.known.remove(name);
+        self.served.remove(name);
         MachineObject::remove(&self.connection, name).await?;
         Ok(())
     }
 
-    /// Emits `PropertiesChanged` with every property of `name` that differs
-    /// from the last announcement. `state` overrides the snapshot's state so
-    /// that listeners see each transition even when the core has moved on.
-    async fn announce_properties(
-        &mut self,
-        name: &str,
-        state: Option<MachineState>,
-    ) -> zbus::Result<()> {
-        let Ok(mut current) = self.manager.get(name) else {
-            return Ok(());
-        };
-        if let Some(state) = state {
-            current.state = state;
-        }
-        let changed = changed_properties(self.known.get(name), &current);
-        let path = machine_path(name);
-        self.known.insert(name.to_owned(), current.clone());
+    /// Emits `PropertiesChanged` with every property of `info` that differs
+    /// from `before` (all of them without `before`).
+    async fn announce(&self, before: Option<&MachineInfo>, info: &MachineInfo) -> zbus::Result<()> {
+        let changed = changed_properties(before, info);
         if changed.is_empty() {
             return Ok(());
         }
-        let emitter = SignalEmitter::new(&self.connection, path)?;
+        let emitter = SignalEmitter::new(&self.connection, machine_path(&info.name))?;
         zbus::fdo::Properties::properties_changed(
             &emitter,
             InterfaceName::from_static_str_unchecked(MACHINE_INTERFACE),
@@ -128,30 +115,24 @@ impl Forwarder {
         .await
     }
 
-    /// After missing events: bring the objects in line with the manager's
-    /// list and announce every property that changed meanwhile.
+    /// After missed events: bring the objects in line with the manager's
+    /// list and announce every property (what changed meanwhile is unknown).
     async fn resync(&mut self) -> zbus::Result<()> {
-        let now: HashMap<String, MachineInfo> = self
-            .manager
-            .list()
-            .into_iter()
-            .map(|info| (info.name.clone(), info))
-            .collect();
+        let now = self.manager.list();
         let gone: Vec<String> = self
-            .known
-            .keys()
-            .filter(|name| !now.contains_key(*name))
+            .served
+            .iter()
+            .filter(|name| !now.iter().any(|info| info.name == **name))
             .cloned()
             .collect();
         for name in gone {
             self.remove(&name).await?;
         }
-        for (name, info) in &now {
-            if !self.known.contains_key(name) {
-                self.add(name).await?;
+        for info in &now {
+            if self.served.contains(&info.name) {
+                self.announce(None, info).await?;
             } else {
-                let state = info.state;
-                self.announce_properties(name, Some(state)).await?;
+                self.add(&info.name).await?;
             }
         }
         Ok(())
@@ -194,6 +175,7 @@ fn changed_properties<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manager::MachineState;
 
     fn info() -> MachineInfo {
         MachineInfo {

@@ -25,20 +25,20 @@ use zbus::Connection;
 use crate::manager::Manager;
 
 /// The well-known name the daemon owns.
-pub const BUS_NAME: &str = "org.rmachines1";
+pub(crate) const BUS_NAME: &str = "org.rmachines1";
 /// Where the Manager object (and the ObjectManager) lives.
 pub const MANAGER_PATH: &str = "/org/rmachines1";
 /// Machine objects live below this path, one label per machine.
 pub const MACHINE_PATH_PREFIX: &str = "/org/rmachines1/machine";
 /// polkit action for Start, Stop and Reload.
-pub const ACTION_MANAGE: &str = "org.rmachines1.manage";
+pub(crate) const ACTION_MANAGE: &str = "org.rmachines1.manage";
 /// polkit action for Shell.
-pub const ACTION_SHELL: &str = "org.rmachines1.shell";
+pub(crate) const ACTION_SHELL: &str = "org.rmachines1.shell";
 
 /// Escapes `name` into one object path element the way `sd_bus_path_encode()`
 /// does: ASCII letters are kept, digits too except in the first position,
 /// every other byte becomes `_xx` (lowercase hex); the empty string is `_`.
-pub fn escape_bus_label(name: &str) -> String {
+pub(crate) fn escape_bus_label(name: &str) -> String {
     if name.is_empty() {
         return "_".to_owned();
     }
@@ -69,7 +69,7 @@ pub fn machine_path(name: &str) -> OwnedObjectPath {
 /// known machine on `connection`, and starts forwarding the manager's events
 /// as signals. Call this before requesting [`BUS_NAME`], so no call arrives
 /// at a half-built service.
-pub async fn serve(connection: &Connection, manager: Manager) -> zbus::Result<()> {
+pub(crate) async fn serve(connection: &Connection, manager: Manager) -> zbus::Result<()> {
     // Subscribe before the snapshot below so that no change falls between.
     let events = manager.subscribe();
     let server = connection.object_server();

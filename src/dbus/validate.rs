@@ -110,8 +110,12 @@ pub(crate) fn command_size(command: &[String], environment: &[String]) -> Result
     Ok(())
 }
 
-/// Each entry must be `KEY=VALUE` with a shell-style key.
-pub(crate) fn environment(entries: &[String]) -> Result<(), Error> {
+/// The one check of a command's environment, at the boundary (the D-Bus
+/// methods; `rmachinectl shell` checks `--setenv` with it too, before
+/// calling): each entry is `KEY=VALUE` with a shell-style KEY (letters,
+/// digits and '_', not starting with a digit). Returns the sentence for
+/// the first bad entry.
+pub(crate) fn check_environment(entries: &[String]) -> Result<(), String> {
     for entry in entries {
         let key = entry.split_once('=').map(|(key, _)| key);
         let valid = key.is_some_and(|key| {
@@ -120,13 +124,18 @@ pub(crate) fn environment(entries: &[String]) -> Result<(), Error> {
                 && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         });
         if !valid {
-            return Err(Error::InvalidArgument(format!(
+            return Err(format!(
                 "invalid environment entry {}: expected KEY=VALUE with KEY of letters, digits and '_'",
                 echo(entry)
-            )));
+            ));
         }
     }
     Ok(())
+}
+
+/// [`check_environment`] for a D-Bus method: `InvalidArgument`.
+pub(crate) fn environment(entries: &[String]) -> Result<(), Error> {
+    check_environment(entries).map_err(Error::InvalidArgument)
 }
 
 /// A bounded, escaped rendering of untrusted input for error sentences.

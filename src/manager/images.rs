@@ -12,7 +12,7 @@ use crate::image::{self, Format, ImageError, ImageInfo, ImportRequest, Progress}
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// An image and the machines whose definitions name it.
-pub type ImageUse = (ImageInfo, Vec<String>);
+pub(crate) type ImageUse = (ImageInfo, Vec<String>);
 
 impl Manager {
     fn images_dir(&self) -> std::path::PathBuf {
@@ -21,7 +21,7 @@ impl Manager {
 
     /// Imports the caller's file, pipe or directory as image `name`;
     /// reports progress as [`Event::ImportProgress`].
-    pub async fn import_image(
+    pub(crate) async fn import_image(
         &self,
         name: &str,
         source: OwnedFd,
@@ -65,7 +65,10 @@ impl Manager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
-        let info = result.map_err(|e| ManagerError::Io(format!("the import stopped: {e}")))??;
+        let info = result.map_err(|source| ManagerError::Task {
+            what: "the import stopped",
+            source,
+        })??;
         tracing::info!(
             image = name,
             files = info.stats.files,
@@ -97,7 +100,7 @@ impl Manager {
     }
 
     /// Every image, with the machines that use it.
-    pub fn list_images(&self) -> Result<Vec<ImageUse>, ManagerError> {
+    pub(crate) fn list_images(&self) -> Result<Vec<ImageUse>, ManagerError> {
         let images = image::list(&self.images_dir())?;
         Ok(images
             .into_iter()
@@ -109,7 +112,7 @@ impl Manager {
     }
 
     /// Removes image `name`; refused while a machine's definition names it.
-    pub async fn remove_image(&self, name: &str) -> Result<(), ManagerError> {
+    pub(crate) async fn remove_image(&self, name: &str) -> Result<(), ManagerError> {
         crate::definition::validate_image_name(name).map_err(ManagerError::InvalidName)?;
         let users = self.users_of(name);
         if !users.is_empty() {
@@ -123,7 +126,10 @@ impl Manager {
         let owned = name.to_owned();
         tokio::task::spawn_blocking(move || image::remove(&images, &owned))
             .await
-            .map_err(|e| ManagerError::Io(e.to_string()))??;
+            .map_err(|source| ManagerError::Task {
+                what: "removing the image",
+                source,
+            })??;
         self.reload().await?;
         Ok(())
     }
@@ -131,7 +137,7 @@ impl Manager {
     /// Writes `<config-dir>/NAME.toml` for a machine made from `image`. An
     /// OCI image without an init gives a `boot = false` machine running its
     /// entrypoint with its environment, directory and user.
-    pub async fn create_machine(
+    pub(crate) async fn create_machine(
         &self,
         name: &str,
         image_name: &str,
@@ -170,7 +176,7 @@ impl Manager {
     }
 
     /// Deletes a stopped machine's definition and its writable layer.
-    pub async fn remove_machine(&self, name: &str) -> Result<(), ManagerError> {
+    pub(crate) async fn remove_machine(&self, name: &str) -> Result<(), ManagerError> {
         check_name(name)?;
         let file = {
             let machines = self.lock();
