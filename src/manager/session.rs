@@ -178,6 +178,7 @@ impl Manager {
             argv: spec.command,
             user: target.user,
             controlling_tty: spec.controlling_tty,
+            seccomp_cache: Some(self.inner.config.state_dir.clone()),
         };
         let mut std_command =
             enter::spec_command(&self.inner.helper, &enter_spec).map_err(|e| failed(e.into()))?;
