@@ -104,12 +104,14 @@ pub(crate) fn machine_chain(plan: &NetworkPlan) -> String {
     format!("m-{}", plan.host_veth)
 }
 
-/// The rules of the machine's chain: each drops one kind of frame it may
-/// not send. Order does not matter (all are drops; the chain's end lets
-/// the rest through).
-fn machine_rules(plan: &NetworkPlan) -> Vec<Vec<Value>> {
-    let mac = mac_text(plan.guest_mac);
-    let mut rules = vec![
+/// Rules that hold for every machine port alike, in the prerouting chain
+/// before the ports map: each drops one kind of frame no machine may send.
+/// They used to be in every machine's chain; there their anonymous sets
+/// (five per machine) made each start's `nft` run list and create sets in
+/// proportion to the machines running.
+fn common_port_rules() -> Vec<Vec<Value>> {
+    let unspecified = matches(payload("ip6", "saddr"), json!("::"));
+    vec![
         // Only IPv4, IPv6 and ARP: no VLAN tags to hide in, no spanning
         // tree or LLDP frames for the bridge.
         drop_if(vec![not_matches(
@@ -131,14 +133,49 @@ fn machine_rules(plan: &NetworkPlan) -> Vec<Vec<Value>> {
                 json!("router-renumbering"),
             ]),
         )]),
-    ];
+        // From :: only what duplicate address detection and joining its
+        // groups needs.
+        drop_if(vec![
+            unspecified.clone(),
+            not_matches(meta("l4proto"), json!(IPPROTO_ICMPV6)),
+        ]),
+        drop_if(vec![
+            unspecified,
+            not_matches(
+                payload("icmpv6", "type"),
+                set(vec![
+                    json!("nd-neighbor-solicit"),
+                    json!("nd-router-solicit"),
+                    json!("mld-listener-report"),
+                    json!("mld2-listener-report"),
+                ]),
+            ),
+        ]),
+    ]
+}
+
+/// `left` is none of `values`: one `!=` per value, in one rule (their
+/// conjunction), so that a machine's chain holds no anonymous set.
+fn none_of(left: &Value, values: impl IntoIterator<Item = Value>) -> Vec<Value> {
+    values
+        .into_iter()
+        .map(|value| not_matches(left.clone(), value))
+        .collect()
+}
+
+/// The rules of the machine's own chain: each drops a frame that claims an
+/// address not its own. Order does not matter (all are drops; the chain's
+/// end lets the rest through). With [`common_port_rules`] before them.
+fn machine_rules(plan: &NetworkPlan) -> Vec<Vec<Value>> {
+    let mac = mac_text(plan.guest_mac);
+    let mut rules = Vec::new();
     if let Some(v4) = plan.ipv4 {
         let own = v4.addr.to_string();
         // ARP probes (RFC 5227) come from 0.0.0.0; nobody learns from them.
-        rules.push(drop_if(vec![not_matches(
-            payload("arp", "saddr ip"),
-            set(vec![json!("0.0.0.0"), json!(own)]),
-        )]));
+        rules.push(drop_if(none_of(
+            &payload("arp", "saddr ip"),
+            [json!("0.0.0.0"), json!(own)],
+        )));
         rules.push(drop_if(vec![not_matches(
             payload("ip", "saddr"),
             json!(own),
@@ -190,37 +227,17 @@ fn machine_rules(plan: &NetworkPlan) -> Vec<Vec<Value>> {
         own.extend(plan.ipv6.map(|v6| v6.addr));
         let mut sources = vec![json!("::")];
         sources.extend(own.iter().map(|a| json!(a.to_string())));
-        rules.push(drop_if(vec![not_matches(
-            payload("ip6", "saddr"),
-            set(sources),
-        )]));
-        // From :: only what duplicate address detection and joining its
-        // groups needs.
-        let unspecified = matches(payload("ip6", "saddr"), json!("::"));
-        rules.push(drop_if(vec![
-            unspecified.clone(),
-            not_matches(meta("l4proto"), json!(IPPROTO_ICMPV6)),
-        ]));
-        rules.push(drop_if(vec![
-            unspecified,
-            not_matches(
-                payload("icmpv6", "type"),
-                set(vec![
-                    json!("nd-neighbor-solicit"),
-                    json!("nd-router-solicit"),
-                    json!("mld-listener-report"),
-                    json!("mld2-listener-report"),
-                ]),
-            ),
-        ]));
+        rules.push(drop_if(none_of(&payload("ip6", "saddr"), sources)));
         // A neighbour advertisement is about one of its own addresses.
-        rules.push(drop_if(vec![
-            matches(payload("icmpv6", "type"), json!("nd-neighbor-advert")),
-            not_matches(
-                raw_th(64, 128),
-                set(own.iter().map(|a| json!(ipv6_hex(*a))).collect()),
-            ),
-        ]));
+        let mut advert = vec![matches(
+            payload("icmpv6", "type"),
+            json!("nd-neighbor-advert"),
+        )];
+        advert.extend(none_of(
+            &raw_th(64, 128),
+            own.iter().map(|a| json!(ipv6_hex(*a))),
+        ));
+        rules.push(drop_if(advert));
     }
     rules
 }
@@ -365,6 +382,15 @@ pub(crate) fn bridge_table(table: &str, members: &[&NetworkPlan]) -> Vec<Value> 
     }}}));
     let rule = |chain: &str, expr: Vec<Value>| json!({"add": {"rule": {"family": "bridge", "table": table, "chain": chain, "expr": expr}}});
     let machine_port = json!(format!("{}*", super::VETH_PREFIX));
+    let this_instance_port = [
+        matches(meta("iifgroup"), json!(port_group(table))),
+        matches(meta("iifname"), machine_port.clone()),
+    ];
+    for common in common_port_rules() {
+        let mut expr = this_instance_port.to_vec();
+        expr.extend(common);
+        cmds.push(rule("prerouting", expr));
+    }
     cmds.push(rule(
         "prerouting",
         vec![json!({"vmap": {"key": meta("iifname"), "data": "@ports"}})],
@@ -519,14 +545,31 @@ mod tests {
         let known = serde_json::to_string(&machine_rules(&plan(guest_mac("web")))).unwrap();
         assert!(known.contains(&mac_text(guest_mac("web"))), "{known}");
         assert!(known.contains("10.213.0.5"), "{known}");
-        assert!(known.contains("nd-router-advert"), "{known}");
         assert!(known.contains("fe80::"), "{known}");
         // A plan from before fixed MACs: no MAC or link-local rule.
         let unknown = serde_json::to_string(&machine_rules(&plan([0; 6]))).unwrap();
         assert!(!unknown.contains("saddr ether"), "{unknown}");
         assert!(!unknown.contains("fe80::"), "{unknown}");
         assert!(unknown.contains("10.213.0.5"), "{unknown}");
-        assert!(unknown.contains("nd-router-advert"), "{unknown}");
+        // Rules about a kind of frame, not an address, are the table's.
+        let common = serde_json::to_string(&common_port_rules()).unwrap();
+        assert!(common.contains("nd-router-advert"), "{common}");
+        assert!(!known.contains("nd-router-advert"), "{known}");
+    }
+
+    #[test]
+    fn a_machine_chain_holds_no_anonymous_set() {
+        // Each would be created (and listed by every later nft run) once
+        // per machine: the cost of a start grew with the machines running.
+        for mac in [guest_mac("web"), [0; 6]] {
+            let chain = serde_json::to_string(&machine_rules(&plan(mac))).unwrap();
+            assert!(!chain.contains("\"set\""), "{chain}");
+        }
+        let table = serde_json::to_string(&bridge_table("t", &[&plan(guest_mac("web"))])).unwrap();
+        assert!(
+            table.contains("nd-router-advert"),
+            "the common rules are in the table"
+        );
     }
 
     #[test]
