@@ -86,7 +86,10 @@ impl LockedDir {
     /// Replaces the file with `value` as JSON, atomically.
     pub fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateFileError> {
         let path = self.path(name);
-        let text = serde_json::to_vec_pretty(value).map_err(|err| StateFileError {
+        // Compact: registries are read and written whole under their lock
+        // at every start, and a thousand machines' pretty JSON was twice
+        // the bytes to parse and write (`jq .` shows them readably).
+        let text = serde_json::to_vec(value).map_err(|err| StateFileError {
             action: "serialize",
             path: path.clone(),
             source: io::Error::other(err),
