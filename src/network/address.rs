@@ -175,9 +175,37 @@ pub fn release(storage_dir: &Path, machine: &str) -> Result<(), NetworkError> {
     Ok(())
 }
 
+/// How long a passed [`check_host_routes`] stands for the next starts.
+/// The host's IPv6 routing table has entries for every machine's veth, and
+/// reading it (a walk of the whole table by the kernel) at each start made
+/// starts slower the more machines ran; machines started together share
+/// one check. A route added meanwhile is found at the first start after.
+const ROUTES_CHECK_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Fails when a host route (other than the managed bridge's own) overlaps
 /// the machines' subnets: machines there would shadow or be shadowed by it.
 pub fn check_host_routes(config: &NetworkConfig) -> Result<(), NetworkError> {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static PASSED: Mutex<Option<(Instant, String)>> = Mutex::new(None);
+    let key = format!(
+        "{} {} {:?}",
+        config.bridge, config.ipv4_subnet, config.ipv6_subnet
+    );
+    let fresh = |passed: &Option<(Instant, String)>| {
+        passed
+            .as_ref()
+            .is_some_and(|(at, k)| *k == key && at.elapsed() < ROUTES_CHECK_TTL)
+    };
+    if fresh(&PASSED.lock().unwrap_or_else(|e| e.into_inner())) {
+        return Ok(());
+    }
+    scan_host_routes(config)?;
+    *PASSED.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), key));
+    Ok(())
+}
+
+fn scan_host_routes(config: &NetworkConfig) -> Result<(), NetworkError> {
     let route_err = |what: String| {
         NetworkError::Config(format!(
             "the machines' subnet overlaps the host route {what}; configure another subnet \
