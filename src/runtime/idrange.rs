@@ -266,60 +266,32 @@ fn pick(name: &str, size: u32) -> impl Iterator<Item = IdRange> {
     })
 }
 
-/// How long a scan of the host's processes stands for the next picks:
-/// machines started together (hundreds at boot) share one scan instead of
-/// each reading every process's status, which made the cost of a first
-/// start grow with the number of machines already running.
-const RUNNING_IDS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// [`scan_running_ids`], shared for [`RUNNING_IDS_TTL`].
-fn running_ids() -> std::sync::Arc<Vec<u64>> {
-    use std::sync::{Arc, Mutex};
-    use std::time::Instant;
-    static LAST: Mutex<Option<(Instant, Arc<Vec<u64>>)>> = Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some((at, ids)) = last.as_ref() {
-        if at.elapsed() < RUNNING_IDS_TTL {
-            return Arc::clone(ids);
-        }
-    }
-    let ids = Arc::new(scan_running_ids());
-    *last = Some((Instant::now(), Arc::clone(&ids)));
-    ids
-}
-
-/// Every uid and gid (real, effective, saved, file system) a process on
-/// the host runs with.
-fn scan_running_ids() -> Vec<u64> {
+/// The uid and gid every process on the host runs as: the owner of its
+/// `/proc/PID` (its effective ids; for a process that is not dumpable, the
+/// root of its user namespace, which is what a container manager's range
+/// starts with). One `statx` per process: reading every process's
+/// `status` (all four ids, but rendered with its signal masks and
+/// capability sets) made each first start cost more the more machines ran.
+fn running_ids() -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
     let mut ids = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else {
         return ids;
     };
     for entry in entries.flatten() {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
+        let name = entry.file_name();
+        if !name.as_encoded_bytes().iter().all(u8::is_ascii_digit) {
             continue;
         }
-        let Ok(status) = fs::read_to_string(entry.path().join("status")) else {
+        let Ok(meta) = fs::metadata(entry.path()) else {
             continue;
         };
-        for line in status.lines() {
-            if let Some(rest) = line
-                .strip_prefix("Uid:")
-                .or_else(|| line.strip_prefix("Gid:"))
-            {
-                ids.extend(
-                    rest.split_whitespace()
-                        .filter_map(|id| id.parse::<u32>().ok())
-                        .filter(|id| !SHAREABLE_IDS.contains(id))
-                        .map(u64::from),
-                );
-            }
-        }
+        ids.extend(
+            [meta.uid(), meta.gid()]
+                .into_iter()
+                .filter(|id| !SHAREABLE_IDS.contains(id))
+                .map(u64::from),
+        );
     }
     ids.sort_unstable();
     ids.dedup();
@@ -546,19 +518,24 @@ mod tests {
     }
 
     #[test]
-    fn the_running_ids_scan_sees_this_process_and_is_shared() {
-        let first = running_ids();
-        // Non-root test runs only scan what they may read; root's own ids
-        // are shareable (never a machine's), so check with the scan itself.
-        assert!(
-            first.windows(2).all(|w| w[0] < w[1]),
-            "sorted, no duplicates"
-        );
-        let second = running_ids();
-        assert!(
-            std::sync::Arc::ptr_eq(&first, &second),
-            "one scan within the TTL"
-        );
+    fn the_running_ids_scan_is_sorted_and_sees_a_process_of_another_id() {
+        use std::os::unix::process::CommandExt;
+        let ids = running_ids();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
+        if !nix::unistd::geteuid().is_root() {
+            return; // cannot start a process as another user
+        }
+        let id = 3_333_333u32;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .uid(id)
+            .gid(id)
+            .spawn()
+            .expect("sleep as another user");
+        let seen = running_ids();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(seen.binary_search(&u64::from(id)).is_ok(), "{id} not seen");
     }
 
     #[test]
